@@ -1,0 +1,66 @@
+"""CBAM: Convolutional Block Attention Module (Woo, Park, Lee, Kweon, ECCV 2018).
+
+Equations (numbers as in Woo et al.):
+    M_c(F) = sigmoid(MLP(AvgPool(F)) + MLP(MaxPool(F)))                (Eq. 2)
+             MLP: C -> C/r -> C with ReLU, shared by both descriptors, biases on
+    F'  = M_c(F) * F                                                    (Eq. 1)
+    M_s(F') = sigmoid(BN(f^{7x7}([AvgPool_c(F'); MaxPool_c(F')])))      (Eq. 3)
+    F'' = M_s(F') * F'                                                  (Eq. 1)
+
+Defaults: r = 16 with the hidden width ``max(1, C // r)`` (``rd_rule`` as for SE), a 7x7
+spatial conv with no bias, followed by BN (as in the official code; the paper's Eq. 3 shows
+no BN, the issue and HAM's re-implementation include it).
+
+Options:
+- ``spatial=False``: channel branch only ("CBAM (channel)" in HAM Table 1).
+- ``adaptive=True``: HAM's adaptive mix (HAM Eq. 5) replaces the sum of the two MLP
+  outputs: M_c = sigmoid(MLP(F_add)), F_add = 1/2 (F_avg + F_max) + alpha F_avg + beta F_max,
+  which is "CBAM (channel, adaptive)" in HAM Table 1. Our reading: the mix feeds the
+  shared transform once, exactly as in HAM's channel branch.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..registry import register_attention
+from .layers import AdaptivePoolMix, SpatialGate, check_input, reduced_channels
+
+
+@register_attention("cbam")
+class CBAM(nn.Module):
+    def __init__(
+        self,
+        channels: int,
+        reduction: float = 16,
+        rd_rule: str = "floor",
+        spatial: bool = True,
+        adaptive: bool = False,
+        kernel_size: int = 7,
+    ) -> None:
+        super().__init__()
+        self.channels = channels
+        hidden = reduced_channels(channels, reduction, rd_rule)
+        self.mlp = nn.Sequential(
+            nn.Conv2d(channels, hidden, 1), nn.ReLU(inplace=True), nn.Conv2d(hidden, channels, 1)
+        )
+        self.mix = AdaptivePoolMix() if adaptive else None
+        self.spatial = SpatialGate(kernel_size) if spatial else None
+
+    def channel_gate(self, x: torch.Tensor) -> torch.Tensor:
+        """M_c(F), shape (N, C, 1, 1)."""
+        avg = x.mean(dim=(2, 3), keepdim=True)
+        max_ = x.amax(dim=(2, 3), keepdim=True)
+        if self.mix is not None:
+            return torch.sigmoid(self.mlp(self.mix(avg, max_)))
+        # One MLP call on both descriptors stacked along the batch.
+        both = self.mlp(torch.cat([avg, max_], dim=0))
+        return torch.sigmoid(both[: x.shape[0]] + both[x.shape[0] :])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(x, self.channels, "cbam")
+        x = x * self.channel_gate(x)
+        if self.spatial is not None:
+            x = self.spatial(x)
+        return x

@@ -1,0 +1,170 @@
+"""HAM: Hybrid Attention Module (Li, Fang, Yang, Yang, Li, Pattern Recognition 124, 2022).
+
+The module refines F (N, C, H, W) in two steps (HAM Eqs. 1-4):
+    F'  = A_C(F) * F                                 (Eq. 1, channel refined feature)
+    F'_1 + F'_2 = F'                                 (Eq. 2, channel separation)
+    F''_i = A_S,i(F'_i) * F'_i,  i = 1, 2            (Eq. 3)
+    F'' = F''_1 + F''_2                              (Eq. 4, output)
+
+Channel attention (Eqs. 5-7):
+    F_add = 1/2 (F_avg + F_max) + alpha F_avg + beta F_max      (Eq. 5)
+    k = |log2(C)/gamma + b/gamma|_odd, gamma = 2, b = 1          (Eq. 6)
+    A_C = sigmoid(C1D_k(F_add))                                  (Eq. 7)
+alpha, beta trainable, initialised to 0.5, kept in (0, 1) by a sigmoid reparametrisation
+(see ``AdaptivePoolMix``). The 1-D conv has no bias (as in ECA).
+
+Channel separation (Eq. 8, Algorithm 1):
+    C_im = |lambda * C|_even, lambda = 0.6
+The important group is, per sample, the C_im channels with the largest A_C values; the
+mask multiplies F' (F'_1 = mask * F', F'_2 = (1 - mask) * F'), so channel order is kept.
+
+Spatial attention (Eqs. 9-10), Phi = BN -> ReLU -> sigmoid:
+    A_S,i = Phi(C2D_7x7([AvgPool_c(F'_i); MaxPool_c(F'_i)]))
+AvgPool_c of group 1 divides the channel sum by C_im, of group 2 by C - C_im (the paper
+says so explicitly). One 7x7 conv (2 -> 1 channels, no bias) and one BN are shared by
+both groups.
+
+Choices the paper leaves open, and ours:
+- |t|_even: nearest even number, ties (t odd) rounded up. C_im must leave both groups
+  non-empty (0 < C_im < C), else the constructor raises ValueError.
+- Ties in A_C at the boundary: Algorithm 1 marks every value >= the C_im-th largest as
+  important, which could give more than C_im channels; we take exactly C_im channels via
+  ``topk`` (ties broken by index), so the divisors of the group averages are exact.
+- MaxPool_c(F'_i) is taken over the masked tensor F'_i, zeros of the other group
+  included, exactly as Eqs. 9-10 read with F'_i = mask * F'.
+- BN statistics: the two groups' descriptors pass the shared conv and BN as one batch of
+  2N maps, so BN normalises both groups with the same statistics.
+- Note that Phi ends with ReLU then sigmoid, so spatial weights lie in [0.5, 1).
+
+Ablation switches (HAM Tables 1-3): ``adaptive`` (alpha/beta mix on/off), ``kernel_size``
+(3/5/7), ``separation_rate`` (lambda), ``spatial`` in {"ham", "cbam", None}: "cbam" uses
+CBAM's spatial gate on F' ("HAM(channel)&CBAM(spatial)"), None is channel attention only
+("HAM (channel)"). ``eca_kernel`` fixes the 1-D kernel instead of Eq. 6.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..registry import register_attention
+from .layers import AdaptivePoolMix, SpatialGate, check_input, eca_kernel_size
+
+SPATIAL_CHOICES = ("ham", "cbam", None)
+
+
+def nearest_even(t: float) -> int:
+    """|t|_even: the nearest even integer, ties (odd integers) rounded up."""
+    return 2 * int((t + 1) // 2)
+
+
+def important_channel_count(channels: int, separation_rate: float) -> int:
+    """C_im = |C * lambda|_even (HAM Eq. 8)."""
+    return nearest_even(channels * separation_rate)
+
+
+class HAMChannelAttention(nn.Module):
+    """A_C(F) = sigmoid(C1D_k(F_add)) (HAM Eq. 7); returns weights (N, C, 1, 1)."""
+
+    def __init__(
+        self, channels: int, adaptive: bool = True, kernel_size: int | None = None
+    ) -> None:
+        super().__init__()
+        k = kernel_size if kernel_size is not None else eca_kernel_size(channels)
+        if not isinstance(k, int) or k < 1 or k % 2 == 0:
+            raise ValueError(f"eca_kernel must be a positive odd int, got {k!r}")
+        self.mix = AdaptivePoolMix(adaptive)
+        self.conv = nn.Conv1d(1, 1, k, padding=k // 2, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f_add = self.mix(x.mean(dim=(2, 3)), x.amax(dim=(2, 3)))  # (N, C)
+        return torch.sigmoid(self.conv(f_add.unsqueeze(1))).view(x.shape[0], -1, 1, 1)
+
+
+class HAMSpatialAttention(nn.Module):
+    """Channel separation plus the shared-conv spatial maps of HAM Eqs. 8-10."""
+
+    def __init__(self, channels: int, separation_rate: float = 0.6, kernel_size: int = 7) -> None:
+        super().__init__()
+        if not 0.0 < separation_rate < 1.0:
+            raise ValueError(f"separation_rate must be in (0, 1), got {separation_rate!r}")
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be a positive odd int, got {kernel_size!r}")
+        c_im = important_channel_count(channels, separation_rate)
+        if not 0 < c_im < channels:
+            raise ValueError(
+                f"separation_rate={separation_rate} with {channels} channels gives "
+                f"C_im={c_im}, which leaves a group empty; HAM's spatial attention needs "
+                f"0 < C_im < C (use more channels, another separation_rate, or spatial=None)"
+            )
+        self.important = c_im
+        self.subimportant = channels - c_im
+        self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
+        self.bn = nn.BatchNorm2d(1)
+
+    def important_mask(self, channel_weights: torch.Tensor) -> torch.Tensor:
+        """1 for each sample's top-C_im channels, else 0; shape (N, C, 1, 1)."""
+        flat = channel_weights.flatten(1)
+        top = flat.topk(self.important, dim=1).indices
+        mask = torch.zeros_like(flat).scatter_(1, top, 1.0)
+        return mask.view_as(channel_weights)
+
+    def maps(self, refined: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A_S,1 and A_S,2, each (N, 1, H, W)."""
+        group1 = refined * mask
+        group2 = refined - group1
+        total = refined.sum(dim=1, keepdim=True)
+        sum1 = group1.sum(dim=1, keepdim=True)
+        desc = torch.cat(
+            [
+                torch.cat([sum1 / self.important, group1.amax(dim=1, keepdim=True)], dim=1),
+                torch.cat(
+                    [(total - sum1) / self.subimportant, group2.amax(dim=1, keepdim=True)], dim=1
+                ),
+            ],
+            dim=0,
+        )  # (2N, 2, H, W): both groups in one batch through the shared conv and BN
+        a = torch.sigmoid(torch.relu(self.bn(self.conv(desc))))
+        n = refined.shape[0]
+        return a[:n], a[n:]
+
+    def forward(self, refined: torch.Tensor, channel_weights: torch.Tensor) -> torch.Tensor:
+        mask = self.important_mask(channel_weights).to(refined.dtype)
+        a1, a2 = self.maps(refined, mask)
+        # F''_1 + F''_2 = a1 * mask * F' + a2 * (1 - mask) * F'
+        return refined * torch.where(mask.bool(), a1, a2)
+
+
+@register_attention("ham")
+class HAM(nn.Module):
+    def __init__(
+        self,
+        channels: int,
+        separation_rate: float = 0.6,
+        kernel_size: int = 7,
+        adaptive: bool = True,
+        spatial: str | None = "ham",
+        eca_kernel: int | None = None,
+    ) -> None:
+        super().__init__()
+        if spatial not in SPATIAL_CHOICES:
+            raise ValueError(f"spatial must be one of 'ham', 'cbam', None; got {spatial!r}")
+        self.channels = channels
+        self.channel = HAMChannelAttention(channels, adaptive, eca_kernel)
+        self.spatial_kind = spatial
+        if spatial == "ham":
+            self.spatial = HAMSpatialAttention(channels, separation_rate, kernel_size)
+        elif spatial == "cbam":
+            self.spatial = SpatialGate(kernel_size)
+        else:
+            self.spatial = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(x, self.channels, "ham")
+        weights = self.channel(x)
+        refined = x * weights
+        if self.spatial_kind == "ham":
+            return self.spatial(refined, weights)
+        if self.spatial_kind == "cbam":
+            return self.spatial(refined)
+        return refined
