@@ -32,7 +32,9 @@ def reduced_channels(channels: int, reduction: float, rule: str = "floor") -> in
     if rule == "round8":
         value = channels / reduction
         return max(8, int(value + 4) // 8 * 8)
-    raise ValueError(f"unknown reduction rule {rule!r}; choose one of: {', '.join(REDUCTION_RULES)}")
+    raise ValueError(
+        f"unknown reduction rule {rule!r}; choose one of: {', '.join(REDUCTION_RULES)}"
+    )
 
 
 def eca_kernel_size(channels: int, gamma: float = 2.0, b: float = 1.0) -> int:
@@ -49,9 +51,7 @@ def eca_kernel_size(channels: int, gamma: float = 2.0, b: float = 1.0) -> int:
 
 def check_input(x: torch.Tensor, channels: int, owner: str) -> None:
     if x.dim() != 4 or x.shape[1] != channels:
-        raise ValueError(
-            f"{owner} expects input (N, {channels}, H, W), got shape {tuple(x.shape)}"
-        )
+        raise ValueError(f"{owner} expects input (N, {channels}, H, W), got shape {tuple(x.shape)}")
 
 
 class AdaptivePoolMix(nn.Module):

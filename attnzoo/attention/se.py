@@ -33,8 +33,10 @@ class SqueezeExcite(nn.Module):
     ) -> None:
         super().__init__()
         self.channels = channels
-        hidden = rd_channels if rd_channels is not None else reduced_channels(
-            channels, reduction, rd_rule
+        hidden = (
+            rd_channels
+            if rd_channels is not None
+            else reduced_channels(channels, reduction, rd_rule)
         )
         if hidden < 1:
             raise ValueError(f"rd_channels must be >= 1, got {hidden}")

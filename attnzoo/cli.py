@@ -1,0 +1,178 @@
+"""Command line: ``attnzoo train | eval | list`` (also ``python -m attnzoo``).
+
+The CLI only parses arguments and calls library functions. Every user error (unknown
+name, bad option, missing or corrupt file) prints one line and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+EXIT_USAGE = 2
+
+
+def _kv_json(text: str) -> dict:
+    """Parse --attention-kwargs / --model-kwargs: JSON or YAML mapping, e.g. '{"reduction": 8}'."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise argparse.ArgumentTypeError(f"not a JSON/YAML mapping: {text!r} ({e})") from e
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(
+            f"expected a mapping like '{{\"reduction\": 8}}', got {text!r}"
+        )
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="attnzoo", description="Attention-augmented CNNs: train, evaluate, list."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model (or --resume a run)")
+    t.add_argument("--model", help="model name (see `attnzoo list`), default resnet20")
+    t.add_argument("--attention", help="attention module name, or 'none'")
+    t.add_argument(
+        "--attention-kwargs",
+        type=_kv_json,
+        help="module options, e.g. '{\"separation_rate\": 0.5}'",
+    )
+    t.add_argument(
+        "--model-kwargs", type=_kv_json, help='model options, e.g. \'{"shortcut": "B"}\''
+    )
+    t.add_argument("--dataset", help="dataset name (see `attnzoo list`), default cifar10")
+    t.add_argument("--data-dir", help="data root (default: $ATTNZOO_DATA or ~/.cache/attnzoo)")
+    t.add_argument("--recipe", default=None, help="recipe name or YAML path (default: ham)")
+    t.add_argument("--epochs", type=int)
+    t.add_argument("--batch-size", type=int)
+    t.add_argument("--lr", type=float)
+    t.add_argument("--weight-decay", type=float)
+    t.add_argument("--schedule", help="multistep, cosine or constant")
+    t.add_argument("--seed", type=int)
+    t.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    t.add_argument("--train-subset", type=int, help="train on the first N images only")
+    t.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="channels_last memory format (default on: faster on this CPU)",
+    )
+    t.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="tqdm progress bar (default: only on a terminal)",
+    )
+    t.add_argument(
+        "--out", help="run directory (default runs/<model>-<attention>-<dataset>-s<seed>)"
+    )
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR")
+
+    e = sub.add_parser("eval", help="re-evaluate a run's saved weights on its test set")
+    e.add_argument("--run", required=True, help="run directory")
+    e.add_argument("--data-dir", help="data root, if not the one the run used")
+    e.add_argument("--json", action="store_true", help="print JSON")
+
+    ls = sub.add_parser("list", help="list models, attentions, datasets and recipes")
+    ls.add_argument("what", nargs="?", choices=["models", "attentions", "datasets", "recipes"])
+    return parser
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import resolve_config, resume, train
+
+    if args.resume:
+        given = [k for k in ("model", "attention", "dataset", "epochs", "out") if getattr(args, k)]
+        if given:
+            raise ValueError(f"--resume continues a run as configured; drop --{', --'.join(given)}")
+        summary = resume(args.resume)
+    else:
+        cfg = resolve_config(
+            args.recipe or "ham",
+            model=args.model,
+            attention=None if args.attention in (None, "none") else args.attention,
+            attention_kwargs=args.attention_kwargs,
+            model_kwargs=args.model_kwargs,
+            dataset=args.dataset,
+            data_dir=args.data_dir,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            weight_decay=args.weight_decay,
+            schedule=args.schedule,
+            seed=args.seed,
+            threads=args.threads,
+            train_subset=args.train_subset,
+            channels_last=args.channels_last,
+            progress=args.progress,
+        )
+        out = args.out or Path("runs") / (
+            f"{cfg.model}-{cfg.attention or 'none'}-{cfg.dataset}-s{cfg.seed}"
+        )
+        summary = train(cfg, out)
+    print(
+        f"done: test error {summary['final_top1_err']:.2f}% (best {summary['best_top1_err']:.2f}% "
+        f"at epoch {summary['best_epoch']}), top-1 accuracy {100 - summary['final_top1_err']:.2f}%, "
+        f"{summary['params']:,} params, {summary['wall_time']:.1f}s"
+    )
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .train import evaluate_run
+
+    result = evaluate_run(args.run, args.data_dir)
+    if args.json:
+        print(json.dumps(result, indent=2, sort_keys=True))
+    else:
+        print(
+            f"{args.run}: top-1 error {result['test_top1_err']:.2f}%, top-5 error "
+            f"{result['test_top5_err']:.2f}% on {result['images']} test images "
+            f"({result['params']:,} params)"
+        )
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from . import list_attentions, list_models
+    from .data import list_datasets
+    from .train import list_recipes
+
+    tables = {
+        "models": list_models(),
+        "attentions": list_attentions(),
+        "datasets": list_datasets(),
+        "recipes": list_recipes(),
+    }
+    for name, items in tables.items():
+        if args.what in (None, name):
+            print(f"{name}: {', '.join(items)}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from .data import DataError
+    from .train import RunError
+
+    try:
+        return {"train": cmd_train, "eval": cmd_eval, "list": cmd_list}[args.command](args)
+    except (ValueError, TypeError, DataError, RunError, FileNotFoundError, PermissionError) as e:
+        print(f"attnzoo: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("attnzoo: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

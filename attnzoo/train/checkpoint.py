@@ -1,0 +1,102 @@
+"""Run-directory files: weights as safetensors, the training state as a weights-only pickle.
+
+A run directory holds
+    config.yaml       the fully resolved TrainConfig
+    metrics.jsonl     one JSON line per finished epoch
+    summary.json      final and best test error, params, wall time
+    model.safetensors the latest weights (what ``eval`` loads)
+    checkpoint.pt     everything needed to resume: model, optimizer, epoch, RNG states
+Each file is replaced atomically, so a crash leaves the previous complete version.
+``checkpoint.pt`` is only ever read with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
+from torch import nn
+
+from ..utils.io import atomic_write, atomic_write_text
+
+
+class RunError(Exception):
+    """A run directory is missing, unreadable or inconsistent."""
+
+
+def save_weights(path: Path, model: nn.Module, metadata: dict[str, str] | None = None) -> None:
+    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    data = save(tensors, metadata=metadata)
+    atomic_write(path, lambda f: f.write(data))
+
+
+def load_weights(path: Path, model: nn.Module) -> None:
+    path = Path(path)
+    if not path.is_file():
+        raise RunError(f"missing weights file {path}")
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise RunError(f"cannot read weights {path}: {e}") from e
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise RunError(f"weights in {path} do not fit the configured model: {first}") from e
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise RunError(f"missing checkpoint {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, OSError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RunError(
+            f"refusing or unable to load checkpoint {path}: {reason} "
+            "(only weights-only checkpoints written by attnzoo are accepted)"
+        ) from e
+    if not isinstance(state, dict) or "model" not in state or "epoch" not in state:
+        raise RunError(f"{path} is not an attnzoo checkpoint")
+    return state
+
+
+def read_config(run_dir: Path) -> dict[str, Any]:
+    path = Path(run_dir) / "config.yaml"
+    if not Path(run_dir).is_dir():
+        raise RunError(f"run directory {run_dir} does not exist")
+    if not path.is_file():
+        raise RunError(f"{run_dir} is not a run directory (no config.yaml)")
+    try:
+        values = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise RunError(f"cannot read {path}: {e}") from e
+    if not isinstance(values, dict):
+        raise RunError(f"{path} does not hold a config mapping")
+    return values
+
+
+def write_metrics(run_dir: Path, rows: list[dict[str, Any]]) -> None:
+    atomic_write_text(Path(run_dir) / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    try:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, json.JSONDecodeError) as e:
+        raise RunError(f"cannot read {path}: {e}") from e

@@ -1,0 +1,140 @@
+"""Training configuration: a dataclass, filled from a YAML recipe and then overrides.
+
+Recipes live in ``attnzoo/recipes/<name>.yaml`` (or any YAML path) and hold the optimiser
+and schedule settings of a paper. A run writes the fully resolved config as config.yaml.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
+SCHEDULES = ("multistep", "cosine", "constant")
+
+
+@dataclass
+class TrainConfig:
+    model: str = "resnet20"
+    attention: str | None = None
+    attention_kwargs: dict = field(default_factory=dict)
+    model_kwargs: dict = field(default_factory=dict)
+    dataset: str = "cifar10"
+    data_dir: str | None = None
+    recipe: str = "ham"
+    epochs: int = 200
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    schedule: str = "multistep"
+    milestones: list = field(default_factory=lambda: [0.3, 0.6, 0.8])
+    gamma: float = 0.2
+    warmup_epochs: float = 0
+    seed: int = 0
+    channels_last: bool = True
+    threads: int | None = None
+    train_subset: int | None = None  # first N training images only (smoke runs)
+    progress: bool | None = None  # tqdm bar; None = only on a terminal
+
+    def validate(self) -> TrainConfig:
+        from ..data.datasets import check_dataset
+        from ..registry import check_attention, list_models
+
+        if self.model not in list_models():
+            raise ValueError(
+                f"unknown model {self.model!r}; choose one of: {', '.join(list_models())}"
+            )
+        check_attention(self.attention, self.attention_kwargs)
+        check_dataset(self.dataset)
+        _positive_int("epochs", self.epochs)
+        _positive_int("batch_size", self.batch_size)
+        for name in ("lr", "momentum", "weight_decay", "gamma", "warmup_epochs"):
+            value = getattr(self, name)
+            if (
+                not isinstance(value, (int, float))
+                or isinstance(value, bool)
+                or not math.isfinite(value)
+                or value < 0
+            ):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(
+                f"unknown schedule {self.schedule!r}; choose one of: {', '.join(SCHEDULES)}"
+            )
+        if not isinstance(self.milestones, list) or not all(
+            isinstance(m, (int, float)) and 0 < m < 1 for m in self.milestones
+        ):
+            raise ValueError(
+                f"milestones must be fractions of the run in (0, 1), got {self.milestones!r}"
+            )
+        if self.warmup_epochs >= self.epochs:
+            raise ValueError(
+                f"warmup_epochs ({self.warmup_epochs}) must be < epochs ({self.epochs})"
+            )
+        if self.train_subset is not None:
+            _positive_int("train_subset", self.train_subset)
+        if self.threads is not None:
+            _positive_int("threads", self.threads)
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ValueError(f"seed must be an int, got {self.seed!r}")
+        for name in ("attention_kwargs", "model_kwargs"):
+            if not isinstance(getattr(self, name), dict):
+                raise ValueError(f"{name} must be a mapping, got {getattr(self, name)!r}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        if not isinstance(values, dict):
+            raise ValueError(f"a config must be a mapping, got {type(values).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(
+                f"unknown config key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(names))}"
+            )
+        return cls(**values)
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def list_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+
+
+def load_recipe(name: str) -> dict[str, Any]:
+    """A recipe by name (see ``list_recipes()``) or by path to a YAML file."""
+    path = Path(name)
+    if path.suffix not in (".yaml", ".yml"):
+        path = RECIPE_DIR / f"{name}.yaml"
+        if not path.is_file():
+            raise ValueError(f"unknown recipe {name!r}; choose one of: {', '.join(list_recipes())}")
+    try:
+        values = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ValueError(f"cannot read recipe {path}: {e}") from e
+    if not isinstance(values, dict):
+        raise ValueError(f"recipe {path} must be a YAML mapping")
+    return values
+
+
+def resolve_config(recipe: str = "ham", **overrides: Any) -> TrainConfig:
+    """Recipe values, then the non-None overrides, validated."""
+    values = load_recipe(recipe)
+    values["recipe"] = recipe
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return TrainConfig.from_dict(values).validate()
