@@ -14,7 +14,7 @@ def _randomize(module: nn.Module) -> nn.Module:
     """Fill every parameter and BN running stat with random, non-trivial values.
 
     Weights get std 1/sqrt(fan_in) so gates stay away from saturation; BN gets a scale
-    around 1, a shift around 0 and running stats that are far from (0, 1).
+    around 1, a shift around 0 and running stats away from (0, 1).
     """
     with torch.no_grad():
         for param in module.parameters():
@@ -61,3 +61,13 @@ def randomize() -> Callable[[nn.Module], nn.Module]:
 @pytest.fixture
 def batch_norm_by_hand() -> Callable:
     return _batch_norm_by_hand
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Run on one intra-op thread: these tensors are tiny, so fanning out to threads costs more
+    than it saves (several times over when other jobs share the CPU). Restored afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

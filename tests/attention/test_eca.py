@@ -24,23 +24,27 @@ def kernel_from_formula(channels: int, gamma: float = 2.0, b: float = 1.0) -> in
     return nearest_odd(math.log2(channels) / gamma + b / gamma)
 
 
+def sigmoid(v: float) -> float:
+    return 1.0 / (1.0 + math.exp(-v)) if v >= 0 else math.exp(v) / (1.0 + math.exp(v))
+
+
 def eca_reference(x: torch.Tensor, module: EfficientChannelAttention) -> torch.Tensor:
     """GAP, then a zero-padded 1-D conv across channels written as an explicit loop."""
     x = x.double()
     n_batch, channels, height, width = x.shape
-    weight = module.conv.weight.detach().double().flatten()  # (k,)
-    k = weight.numel()
+    weight = module.conv.weight.detach().double().flatten().tolist()  # k taps
+    k = len(weight)
     out = torch.empty_like(x)
     for n in range(n_batch):
-        y = [x[n, c].sum() / (height * width) for c in range(channels)]
+        y = [x[n, c].sum().item() / (height * width) for c in range(channels)]
         for c in range(channels):
             # Cross-correlation, as nn.Conv1d: tap j looks at channel c - k//2 + j.
-            acc = torch.zeros((), dtype=torch.float64)
+            acc = 0.0
             for j in range(k):
                 neighbour = c - k // 2 + j
                 if 0 <= neighbour < channels:  # zero padding at both ends
-                    acc = acc + weight[j] * y[neighbour]
-            out[n, c] = torch.sigmoid(acc) * x[n, c]
+                    acc += weight[j] * y[neighbour]
+            out[n, c] = sigmoid(acc) * x[n, c]
     return out
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -12,22 +14,26 @@ from attnzoo.registry import create_attention
 RESNET20_PARAMS = 269_722
 
 
+def sigmoid(v: float) -> float:
+    return 1.0 / (1.0 + math.exp(-v)) if v >= 0 else math.exp(v) / (1.0 + math.exp(v))
+
+
 def se_reference(x: torch.Tensor, module: SqueezeExcite) -> torch.Tensor:
     """Hu et al. Eqs. 2-4, one sample and one channel at a time, in float64."""
     x = x.double()
     n_batch, channels, height, width = x.shape
-    w1 = module.fc1.weight.detach().double().reshape(-1, channels)  # (hidden, C)
-    b1 = module.fc1.bias.detach().double()
-    w2 = module.fc2.weight.detach().double().reshape(channels, -1)  # (C, hidden)
-    b2 = module.fc2.bias.detach().double()
-    hidden = w1.shape[0]
+    w1 = module.fc1.weight.detach().double().reshape(-1, channels).tolist()  # (hidden, C)
+    b1 = module.fc1.bias.detach().double().tolist()
+    w2 = module.fc2.weight.detach().double().reshape(channels, -1).tolist()  # (C, hidden)
+    b2 = module.fc2.bias.detach().double().tolist()
+    hidden = len(w1)
     out = torch.empty_like(x)
     for n in range(n_batch):
         # Eq. 2, squeeze: z_c = 1/(H W) sum_ij u_c(i, j)
-        z = [x[n, c].sum() / (height * width) for c in range(channels)]
+        z = [x[n, c].sum().item() / (height * width) for c in range(channels)]
         # Eq. 3, excitation: s = sigmoid(W2 relu(W1 z))
-        h = [torch.relu(sum(w1[j, c] * z[c] for c in range(channels)) + b1[j]) for j in range(hidden)]
-        s = [torch.sigmoid(sum(w2[c, j] * h[j] for j in range(hidden)) + b2[c]) for c in range(channels)]
+        h = [max(0.0, sum(w1[j][c] * z[c] for c in range(channels)) + b1[j]) for j in range(hidden)]
+        s = [sigmoid(sum(w2[c][j] * h[j] for j in range(hidden)) + b2[c]) for c in range(channels)]
         # Eq. 4, scale
         for c in range(channels):
             out[n, c] = s[c] * x[n, c]

@@ -1,0 +1,77 @@
+"""Triplet attention (Misra, Nalamada, Arasanipalai, Hou, "Rotate to Attend", WACV 2021).
+
+Three branches, each a CBAM-like spatial gate over a different pair of the axes (C, H, W):
+    Z-pool(X) = [MaxPool_0d(X); AvgPool_0d(X)]  (max and mean over the first axis: 2 maps)
+    branch(X) = X * sigmoid(BN(conv_kxk(Z-pool(X))))
+    y = 1/3 (rot1^-1(branch(rot1(F))) + rot2^-1(branch(rot2(F))) + branch(F))
+rot1 turns F (N, C, H, W) into (N, W, H, C): W becomes the pooled axis, and the gate is a
+map over (H, C), the C-H interaction. rot2 gives (N, H, C, W): H is pooled, the gate is a
+map over (C, W), the C-W interaction. The third branch is the plain spatial (H, W) gate.
+
+Defaults: k = 7, conv 2 -> 1 with no bias, then BN (PyTorch defaults; the official code uses
+BN momentum 0.01), then sigmoid; each branch has its own conv and BN. Z-pool stacks
+[max; mean] in that order, as the paper writes it.
+
+Choices the paper leaves open, and ours:
+- "Rotation": the paper rotates the tensor 90 degrees about an axis; like the official code
+  we swap the two axes (a transpose). A true rotation also flips one axis of the 2-D map;
+  for a kxk conv with symmetric padding that equals the transpose with a flipped kernel,
+  so the two define the same family of modules.
+- Map orientation (which axis is the rows of the 2-D map) is as in the official code:
+  (H rows, C columns) for the C-H branch and (C rows, W columns) for the C-W branch.
+  With a square kernel this, too, only re-indexes the kernel.
+- ``no_spatial=True`` drops the (H, W) branch, y = 1/2 (y1 + y2) (the paper's ablation and
+  the official option of the same name).
+- The module has no parameter that depends on C; ``channels`` is taken for the common
+  interface and checked against the input.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..registry import register_attention
+from .layers import check_input
+
+
+class ZPoolGate(nn.Module):
+    """x * sigmoid(BN(conv_kxk([max_1(x); mean_1(x)]))), pooling over dim 1 of x."""
+
+    def __init__(self, kernel_size: int = 7) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
+        self.bn = nn.BatchNorm2d(1)
+
+    def gate(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = torch.cat([x.amax(dim=1, keepdim=True), x.mean(dim=1, keepdim=True)], dim=1)
+        return torch.sigmoid(self.bn(self.conv(pooled)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gate(x)
+
+
+@register_attention("triplet")
+class TripletAttention(nn.Module):
+    def __init__(self, channels: int, kernel_size: int = 7, no_spatial: bool = False) -> None:
+        super().__init__()
+        if (
+            not isinstance(kernel_size, int)
+            or isinstance(kernel_size, bool)
+            or kernel_size < 1
+            or kernel_size % 2 == 0
+        ):
+            raise ValueError(f"kernel_size must be a positive odd int, got {kernel_size!r}")
+        self.channels = channels
+        self.channel_height = ZPoolGate(kernel_size)  # C-H interaction, W pooled
+        self.channel_width = ZPoolGate(kernel_size)  # C-W interaction, H pooled
+        self.height_width = None if no_spatial else ZPoolGate(kernel_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(x, self.channels, "triplet")
+        # permute(0, 3, 2, 1) and permute(0, 2, 1, 3) are their own inverses.
+        out = self.channel_height(x.permute(0, 3, 2, 1)).permute(0, 3, 2, 1)
+        out = out + self.channel_width(x.permute(0, 2, 1, 3)).permute(0, 2, 1, 3)
+        if self.height_width is None:
+            return out / 2
+        return (out + self.height_width(x)) / 3

@@ -1,0 +1,45 @@
+"""Fixtures shared by the data, training and CLI tests: real CIFAR and tiny generated CIFAR."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from attnzoo.data import save_split
+
+# The read-only data folder sits beside the repository: <root>/../shared/datasets.
+SHARED_DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+
+
+@pytest.fixture(scope="session")
+def cifar_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data root holding the real cifar10/ and cifar100/ splits, unpacked once per session.
+
+    ``ATTNZOO_TEST_DATA`` names an already unpacked root to reuse (it must hold
+    ``cifar10/train.npz``); otherwise ``shared/datasets/unpack.py`` writes one (~10 s).
+    """
+    given = os.environ.get("ATTNZOO_TEST_DATA")
+    if given and (Path(given) / "cifar10" / "train.npz").is_file():
+        return Path(given)
+    unpack = SHARED_DATASETS / "unpack.py"
+    if not unpack.is_file():
+        pytest.skip(f"real CIFAR data not available ({SHARED_DATASETS} is absent)")
+    root = tmp_path_factory.mktemp("cifar_root")
+    subprocess.run([sys.executable, str(unpack), str(root)], check=True, capture_output=True)
+    return root
+
+
+@pytest.fixture
+def tiny_cifar_root(tmp_path: Path) -> Path:
+    """A data root with small random cifar10 splits: 64 train and 32 test images, labels 0..9."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 64), ("test", 32)):
+        images = rng.integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
+        labels = np.arange(n) % 10
+        save_split(tmp_path / "cifar10" / f"{split}.npz", images, labels)
+    return tmp_path
