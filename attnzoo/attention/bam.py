@@ -19,8 +19,9 @@ Where the paper and the official code differ, and what we do:
 - The branches are combined as Eq. 2 says, sigmoid(M_c + M_s). One version of the official
   code multiplies them instead, 1 + sigmoid(M_c * M_s); we add.
 - Eqs. 3-4 put a BN at the *output* of each branch "to adjust the scale" of the two before
-  they are added, and write no hidden BN or activation; the official code has BN + ReLU on
-  every hidden layer and no output BN. The default follows the code; ``output_bn=True``
+  they are added, and show no BN or activation inside the branches (Eq. 3 expands to
+  BN(W1(W0 AvgPool(F) + b0) + b1)); the official code has BN + ReLU on every hidden layer
+  and no output BN. The default follows the code; ``output_bn=True``
   adds the paper's output BNs too (BatchNorm1d(C) after the MLP, BatchNorm2d(1) after f3).
 - Batch of one in training mode: BatchNorm1d cannot take batch statistics from one sample
   (PyTorch raises; the variance of one value is 0). The vector BNs here normalise a

@@ -54,9 +54,7 @@ from ..registry import register_attention
 from .layers import check_input, reduced_channels
 
 
-def position_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
-) -> torch.Tensor:
+def position_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """D S^T with S = softmax(Q^T K) over the key axis, without a 1/sqrt(d) scale.
 
     ``query``, ``key``: (N, C', H, W); ``value``: (N, C, H, W); returns (N, C, H, W).

@@ -22,15 +22,17 @@ Defaults, and the choices the paper leaves open:
 - Parameter totals, ours (defaults) vs the paper: ResNet-50 CIFAR-100 149.52M vs 149.47M;
   ``groups=4`` 57.10M vs 57.05M; ImageNet 151.37M vs 151.32M; ``groups=4`` 58.94M vs
   58.9M; ResNet-18 16.05M vs 16.04M (Table 4, without max-pooling: 16.05M); channel only
-  11.78M vs 11.78M; spatial only 15.96M vs 15.95M. The 0.01-0.05M gap is the per-channel
-  terms after the second conv: with ``conv_bias=False, out_bn=False`` (conv2 feeds the
-  sigmoid directly, so it has no bias and no BN after it) every entry of Tables 1-3
-  matches to the paper's 0.01M, provided the CIFAR ResNet-50 has the 3x3 CIFAR stem (its
-  1.3G FLOPs at 32x32 say it has; with torchvision's 7x7 stem the CIFAR rows come out
-  0.01M higher). No setting that keeps a BN or a bias after conv2 matches more than one
-  row. We keep BN after both convs and all biases as the default (the widely used
-  structure, and what this library's spec asks for); ``out_bn=False, conv_bias=False``
-  is the structure that the parameter columns imply.
+  11.78M vs 11.78M; spatial only 15.96M vs 15.95M. Almost all of the 0.01-0.05M gap is the
+  per-channel terms after the second conv (its bias and BN, 3C per module). With
+  ``conv_bias=False, out_bn=False`` (conv2 feeds the sigmoid directly) all seven rows of
+  Tables 1-3 match to the paper's 0.01M, provided the CIFAR ResNet-50 has the 3x3 CIFAR
+  stem (its 1.3G FLOPs at 32x32 say it has; with torchvision's 7x7 stem the CIFAR row
+  without groups comes out at 149.48M). Of the 64 bias/BN layouts we counted (bias or not
+  on each of the MLP and the two convs, BN or not after each conv), the only exact ones
+  have neither a bias nor a BN after conv2, and every layout with a BN after conv2
+  matches at most one of the seven rows. We keep BN after both convs and all biases as the
+  default (the widely used structure, and what this library's spec asks for);
+  ``out_bn=False, conv_bias=False`` is the structure that the parameter columns imply.
 - ``conv_bias=True``: both 7x7 convs have biases (``nn.Conv2d``'s default). A bias right
   before a BN gets no gradient in training mode and changes nothing; it is there only so
   that the parameter count is that of the common code. The MLP always has biases.
@@ -38,19 +40,20 @@ Defaults, and the choices the paper leaves open:
   hyper-parameter as 4"): both 7x7 convs are group convs, and a channel shuffle (Zhang et al.,
   ShuffleNet, CVPR 2018) comes right after the first group conv's BN and ReLU, before the
   second conv: conv1 -> BN -> ReLU -> shuffle -> conv2 -> BN -> sigmoid. That is where a
-  ShuffleNet unit shuffles, and it makes every output channel of conv2 depend on every
-  input group. We do not shuffle after conv2: that would only relabel which map gates
-  which channel. ``groups`` must divide both C and C // r. When C // r equals ``groups``
-  (one hidden channel per group, e.g. C = 64 with r = 16 and groups = 4) the shuffle is the
-  identity and the groups never mix; on the paper's ResNet-50 every stage has 4 or more
-  hidden channels per group.
+  ShuffleNet unit shuffles. We do not shuffle after conv2: that would only relabel which
+  map gates which channel. ``groups`` must divide both C and C // r. How much the groups
+  mix depends on the hidden width: with C // r >= groups**2 every output channel of conv2
+  depends on every input group (the paper's ResNet-50: C // r = 16, 32, 64, 128 with
+  groups = 4); with fewer hidden channels the mixing is partial, and with one hidden
+  channel per group (C // r == groups, e.g. C = 64, r = 16, groups = 4) the shuffle is the
+  identity and the groups never mix.
 - The channel sigmoid is kept: Fig. 2 has it. The widely copied GitHub code drops it, which
   multiplies F1 by an unbounded MLP output.
 - ``pool=False``. The paper removes pooling from the spatial submodule ("max-pooling reduces
-  the information and contributes negatively"), and Table 1 (CIFAR-100) uses no pooling.
-  For ImageNet the paper keeps "the use of max-pooling in the spatial attention submodule"
-  from CBAM, and "switch[es] the first stride of the first block from 1 to 2 in order to
-  match the size of the features"; it gives no kernel, stride or position. The tables
+  the information and contributes negatively") and mentions pooling only for ImageNet,
+  where it keeps "the use of max-pooling in the spatial attention submodule" from CBAM and
+  "switch[es] the first stride of the first block from 1 to 2 in order to match the size
+  of the features"; it gives no kernel, stride or position. The tables
   constrain it: with pooling (Table 2: 16.04M, 2.45G) and without (Table 4 "wmp": 16.05M,
   2.47G) agree to within rounding, and 2.45G is what 7x7 convs at full resolution cost. So
   the pooling adds no parameters and the convs are not run on a downsampled map. CBAM-style
@@ -77,8 +80,9 @@ from .layers import check_input, reduced_channels
 def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
     """ShuffleNet's shuffle: view C as (groups, C / groups), transpose, flatten.
 
-    Output channel ``j * groups + g`` is input channel ``g * (C / groups) + j``, so each
-    group of the next group conv gets channels from every group of the previous one.
+    Output channel ``j * groups + g`` is input channel ``g * (C / groups) + j``: the input
+    groups are dealt out in turn, so each group of the next group conv gets channels from
+    as many groups of the previous one as it has channels (up to all of them).
     """
     if groups == 1:
         return x

@@ -29,7 +29,7 @@ Choices the paper leaves open, and ours:
   non-empty (0 < C_im < C), else the constructor raises ValueError.
 - Ties in A_C at the boundary: Algorithm 1 marks every value >= the C_im-th largest as
   important, which could give more than C_im channels; we take exactly C_im channels via
-  ``topk`` (ties broken by index), so the divisors of the group averages are exact.
+  a stable descending sort (ties broken by the lowest channel index), so the divisors of the group averages are exact.
 - MaxPool_c(F'_i) is taken over the masked tensor F'_i, zeros of the other group
   included, exactly as Eqs. 9-10 read with F'_i = mask * F'.
 - BN statistics: the two groups' descriptors pass the shared conv and BN as one batch of
@@ -60,7 +60,8 @@ def nearest_even(t: float) -> int:
 
 def important_channel_count(channels: int, separation_rate: float) -> int:
     """C_im = |C * lambda|_even (HAM Eq. 8)."""
-    return nearest_even(channels * separation_rate)
+    # Round away float noise first: 90 * 0.7 is 62.99999999999999, a tie that must go up.
+    return nearest_even(round(channels * separation_rate, 9))
 
 
 class HAMChannelAttention(nn.Module):
@@ -105,7 +106,8 @@ class HAMSpatialAttention(nn.Module):
     def important_mask(self, channel_weights: torch.Tensor) -> torch.Tensor:
         """1 for each sample's top-C_im channels, else 0; shape (N, C, 1, 1)."""
         flat = channel_weights.flatten(1)
-        top = flat.topk(self.important, dim=1).indices
+        # A stable descending sort breaks ties by the lowest channel index, on every device.
+        top = flat.sort(dim=1, descending=True, stable=True).indices[:, : self.important]
         mask = torch.zeros_like(flat).scatter_(1, top, 1.0)
         return mask.view_as(channel_weights)
 
@@ -149,6 +151,10 @@ class HAM(nn.Module):
         super().__init__()
         if spatial not in SPATIAL_CHOICES:
             raise ValueError(f"spatial must be one of 'ham', 'cbam', None; got {spatial!r}")
+        if not 0.0 < separation_rate < 1.0:
+            raise ValueError(f"separation_rate must be in (0, 1), got {separation_rate!r}")
+        if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be a positive odd int, got {kernel_size!r}")
         self.channels = channels
         self.channel = HAMChannelAttention(channels, adaptive, eca_kernel)
         self.spatial_kind = spatial

@@ -1,9 +1,10 @@
 """Triplet attention (Misra, Nalamada, Arasanipalai, Hou, "Rotate to Attend", WACV 2021).
 
-Three branches, each a CBAM-like spatial gate over a different pair of the axes (C, H, W):
-    Z-pool(X) = [MaxPool_0d(X); AvgPool_0d(X)]  (max and mean over the first axis: 2 maps)
+Three branches, each a CBAM-like spatial gate over a different pair of the axes (C, H, W)
+(equation numbers as in Misra et al.):
+    Z-pool(X) = [MaxPool_0d(X); AvgPool_0d(X)]   max and mean over the first axis   (Eq. 1)
     branch(X) = X * sigmoid(BN(conv_kxk(Z-pool(X))))
-    y = 1/3 (rot1^-1(branch(rot1(F))) + rot2^-1(branch(rot2(F))) + branch(F))
+    y = 1/3 (rot1^-1(branch(rot1(F))) + rot2^-1(branch(rot2(F))) + branch(F))  (Eqs. 2-3)
 rot1 turns F (N, C, H, W) into (N, W, H, C): W becomes the pooled axis, and the gate is a
 map over (H, C), the C-H interaction. rot2 gives (N, H, C, W): H is pooled, the gate is a
 map over (C, W), the C-W interaction. The third branch is the plain spatial (H, W) gate.

@@ -92,9 +92,7 @@ def test_pam_matches_reference(
 @pytest.mark.parametrize("channels", [8, 16])
 @pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("mode", ["train", "eval"])
-def test_cam_matches_reference(
-    channels: int, size: tuple[int, int, int], mode: str
-) -> None:
+def test_cam_matches_reference(channels: int, size: tuple[int, int, int], mode: str) -> None:
     torch.manual_seed(0)
     module = with_gamma(ChannelAttention(channels)).train(mode == "train")
     x = torch.randn(size[0], channels, *size[1:]) * 0.5 + 0.2

@@ -105,9 +105,7 @@ SIZES += [(size, "eval") for size, mode in SIZES if mode == "train"]
 
 @pytest.mark.parametrize(("size", "mode"), SIZES, ids=[f"{s}-{m}" for s, m in SIZES])
 @pytest.mark.parametrize("channels", [16, 64])
-def test_matches_reference(
-    channels: int, size: tuple[int, int, int], mode: str, randomize
-) -> None:
+def test_matches_reference(channels: int, size: tuple[int, int, int], mode: str, randomize) -> None:
     torch.manual_seed(0)
     module = randomize(GAM(channels)).train(mode == "train")
     x = torch.randn(size[0], channels, *size[1:]) * 2 + 0.5
@@ -314,7 +312,7 @@ def test_resnet20_trains() -> None:
     torch.manual_seed(0)
     model = attnzoo.create_model("resnet20", attention="gam").train()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    x, y = torch.randn(2, 3, 16, 16), torch.randint(0, 10, (2,))
+    x, y = torch.randn(2, 3, 8, 8), torch.randint(0, 10, (2,))
     before = [p.detach().clone() for p in model.parameters()]
     for _ in range(3):
         loss = F.cross_entropy(model(x), y)

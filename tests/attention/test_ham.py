@@ -250,11 +250,6 @@ def test_selection_is_per_sample(batch_norm_by_hand) -> None:
     torch.testing.assert_close(module(x).double(), expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="suspected bug in ham.important_channel_count: C * lambda is computed in floats, "
-    "so a tie that should round up (90 * 0.7 = 63 -> 64) lands just below 63 and goes to 62",
-)
 @pytest.mark.parametrize(
     ("channels", "separation_rate", "c_im"), [(90, 0.7, 64), (170, 0.7, 120), (180, 0.35, 64)]
 )
@@ -270,11 +265,6 @@ def test_tied_weights_still_select_exactly_c_im() -> None:
     assert mask.flatten(1).sum(dim=1).tolist() == [10, 10]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ham.py's docstring says ties at the C_im boundary are broken by index (lowest "
-    "first); torch.topk gives no such guarantee and picks other tied channels",
-)
 def test_tied_weights_pick_lowest_indices() -> None:
     module = HAM(16)
     mask = module.spatial.important_mask(torch.full((1, 16, 1, 1), 0.5))

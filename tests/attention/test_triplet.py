@@ -80,8 +80,7 @@ SIZES += [(size, "eval") for size, mode in SIZES if mode == "train"]
 
 
 @pytest.mark.parametrize(("size", "mode"), SIZES, ids=[f"{s}-{m}" for s, m in SIZES])
-@pytest.mark.parametrize("channels", [16, 24])
-@pytest.mark.parametrize("no_spatial", [False, True])
+@pytest.mark.parametrize(("channels", "no_spatial"), [(13, False), (16, True)])
 def test_matches_reference(
     channels: int,
     size: tuple[int, int, int],
@@ -146,7 +145,7 @@ def test_gradients_reach_every_parameter(mode: str, no_spatial: bool) -> None:
     out = module(x)
     (out * torch.randn_like(out)).sum().backward()
     params = dict(module.named_parameters())
-    assert len(params) == (4 if no_spatial else 6)
+    assert len(params) == (6 if no_spatial else 9)  # conv weight, BN weight, BN bias
     for name, param in params.items():
         assert param.grad is not None and param.grad.abs().sum() > 0, name
     assert x.grad.abs().sum() > 0
@@ -188,7 +187,7 @@ def test_channels_last_matches_contiguous(no_spatial: bool, mode: str) -> None:
         ({"kernel_size": 5, "no_spatial": True}, 2 * (2 * 5 * 5 + 2)),
     ],
 )
-@pytest.mark.parametrize("channels", [16, 64, 2048])
+@pytest.mark.parametrize("channels", [16, 2048])
 def test_parameter_count_does_not_depend_on_channels(
     channels: int, kwargs: dict, expected: int
 ) -> None:
@@ -199,7 +198,7 @@ def test_resnet20_trains() -> None:
     torch.manual_seed(0)
     model = attnzoo.create_model("resnet20", attention="triplet").train()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    x, y = torch.randn(2, 3, 16, 16), torch.randint(0, 10, (2,))
+    x, y = torch.randn(2, 3, 8, 8), torch.randint(0, 10, (2,))
     before = [p.detach().clone() for p in model.parameters()]
     for _ in range(3):
         loss = F.cross_entropy(model(x), y)

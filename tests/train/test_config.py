@@ -40,7 +40,9 @@ def test_recipe_from_a_yaml_path(tmp_path):
 
 
 def test_config_round_trips_through_yaml():
-    cfg = resolve_config("digits", dataset="digits", attention="ham", attention_kwargs={"kernel_size": 3})
+    cfg = resolve_config(
+        "digits", dataset="digits", attention="ham", attention_kwargs={"kernel_size": 3}
+    )
     again = TrainConfig.from_dict(yaml.safe_load(yaml.safe_dump(cfg.to_dict())))
     assert again == cfg
     assert set(cfg.to_dict()) == {f.name for f in dataclasses.fields(TrainConfig)}
