@@ -30,11 +30,12 @@ Defaults and choices, where ours differ from the paper or from the official code
   ``max(1, C // reduction)`` (``reduced_channels``; the code's ``C // 8`` is 0 for C < 8);
   ``reduction=1`` is the paper's text.
 - No 1/sqrt(d) scaling: the equations have none, so ``scaled_dot_product_attention`` is
-  called with ``scale=1.0``. Q and K are zero-padded to D's width before the call: padding
-  leaves every dot product unchanged, and torch's fused CPU kernel needs equal head sizes
-  (otherwise it falls back to a path that builds the N x N matrix: on a CIFAR stage-1 map,
-  N = 1024, batch 128, C = 16, forward + backward took 16 s and 2.1 GB against 2.9 s and
-  0.6 GB padded).
+  called with ``scale=1.0``. Its fused CPU kernel never stores the N x N map, but it needs
+  equal widths for Q, K and D and unit stride along the channels; otherwise torch falls
+  back to a path that builds the map. So Q, K, D are laid out as contiguous (N, HW, C)
+  tensors, and Q and K are zero-padded to D's width, which leaves every dot product
+  unchanged. (Measured on a CIFAR stage-1 map, N = 1024 positions, batch 128, C = 16,
+  C' = 2, forward + backward: fallback 16 s and 2.1 GB, padded 2.9 s and 0.6 GB.)
 - CAM softmax: the official code computes softmax(max_i(A A^T) - A A^T) row-wise, that is
   softmax(-A A^T), which weights the *least* similar channels most; that is not Eq. 3. We
   follow Eq. 3, a plain softmax of A A^T (torch's softmax subtracts the row max internally,
@@ -60,16 +61,22 @@ def position_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     ``query``, ``key``: (N, C', H, W); ``value``: (N, C, H, W); returns (N, C, H, W).
     """
     n, c, h, w = value.shape
-    q = query.flatten(2).transpose(1, 2).unsqueeze(1)  # (N, 1, HW, C')
-    k = key.flatten(2).transpose(1, 2).unsqueeze(1)
-    v = value.flatten(2).transpose(1, 2).unsqueeze(1)  # (N, 1, HW, C)
+
+    def tokens(t: torch.Tensor) -> torch.Tensor:
+        # (N, 1, HW, C) with unit stride on C: the fused kernel needs that (a strided view
+        # sends torch to its fallback, which builds the HW x HW matrix).
+        return t.permute(0, 2, 3, 1).reshape(n, 1, h * w, t.shape[1]).contiguous()
+
+    q, k, v = tokens(query), tokens(key), tokens(value)
     # Equal widths let torch use its fused kernel; zero columns add nothing to Q^T K.
     width = max(q.shape[-1], c)
-    q = F.pad(q, (0, width - q.shape[-1]))
-    k = F.pad(k, (0, width - k.shape[-1]))
-    v = F.pad(v, (0, width - c))
+    if q.shape[-1] < width:
+        q = F.pad(q, (0, width - q.shape[-1]))
+        k = F.pad(k, (0, width - k.shape[-1]))
+    if c < width:
+        v = F.pad(v, (0, width - c))
     out = F.scaled_dot_product_attention(q, k, v, scale=1.0)[..., :c]
-    return out.squeeze(1).transpose(1, 2).reshape(n, c, h, w)
+    return out.reshape(n, h, w, c).permute(0, 3, 1, 2)
 
 
 @register_attention("danet_pam")
@@ -91,7 +98,7 @@ class PositionAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.channels, "danet_pam")
-        return self.gamma * self.aggregate(x) + x
+        return x + self.gamma * self.aggregate(x)  # x first: output keeps x's layout
 
 
 @register_attention("danet_cam")
@@ -111,4 +118,4 @@ class ChannelAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.channels, "danet_cam")
-        return self.beta * self.aggregate(x) + x
+        return x + self.beta * self.aggregate(x)

@@ -75,7 +75,7 @@ class RecurrentCrissCrossAttention(nn.Module):
     def step(self, x: torch.Tensor) -> torch.Tensor:
         """One criss-cross attention pass: gamma * aggregation + x."""
         aggregated = criss_cross_attention(self.query(x), self.key(x), self.value(x))
-        return self.gamma * aggregated + x
+        return x + self.gamma * aggregated
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.channels, "rcca")

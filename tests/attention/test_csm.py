@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import attnzoo
 from attnzoo.attention.csm import CSM
@@ -122,6 +123,20 @@ def test_sam_mode_is_danet_pam_with_the_same_weights(randomize) -> None:
 
 def test_spatial_part_reuses_danet_position_attention() -> None:
     assert isinstance(CSM(16).spatial, PositionAttention)
+
+
+def test_spatial_part_runs_on_the_fused_kernel(randomize) -> None:
+    """Default widths (B, C, D all C wide) run on torch's fused kernel, which never stores
+    the HW x HW map."""
+    torch.manual_seed(0)
+    module = with_gamma(randomize(CSM(16)))
+    x = torch.randn(2, 16, 6, 5, requires_grad=True)
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        out = module(x)
+        out.sum().backward()
+    torch.testing.assert_close(
+        out.double(), csm_reference(x.detach(), module), atol=1e-5, rtol=1e-5
+    )
 
 
 def test_orders_differ_with_the_same_weights(randomize) -> None:

@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import attnzoo
 from attnzoo.attention.danet import ChannelAttention, PositionAttention
@@ -76,7 +77,7 @@ SIZES = [(1, 1, 1), (2, 6, 5), (1, 7, 5), (3, 4, 4)]
 
 
 @pytest.mark.parametrize("channels", [16, 32])
-@pytest.mark.parametrize("reduction", [8, 1])
+@pytest.mark.parametrize("reduction", [8, 1, 0.5])  # Q, K narrower, equal, wider than D
 @pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_pam_matches_reference(
@@ -124,6 +125,24 @@ def test_cam_is_finite_for_large_energies() -> None:
     a = x.double().flatten(2)
     expected = GAMMA * (torch.softmax(a @ a.transpose(1, 2), dim=-1) @ a).view_as(x) + x
     torch.testing.assert_close(out.double(), expected, atol=1e-3, rtol=1e-5)
+
+
+@pytest.mark.parametrize("reduction", [8, 1, 0.5])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_pam_runs_on_the_fused_kernel(reduction: float, channels_last: bool, randomize) -> None:
+    """torch's fused kernel never stores the N x N map; with only it allowed, the module
+    must still run, forward and backward (the fallback would build the map)."""
+    torch.manual_seed(0)
+    module = with_gamma(randomize(PositionAttention(16, reduction)))
+    x = torch.randn(2, 16, 6, 5)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        out = module(x.requires_grad_())
+        out.sum().backward()
+    torch.testing.assert_close(
+        out.double(), pam_reference(x.detach(), module), atol=1e-5, rtol=1e-5
+    )
 
 
 def test_pam_is_finite_for_large_energies(randomize) -> None:

@@ -195,7 +195,7 @@ def test_resume_of_a_finished_run_trains_nothing(finished_run, tmp_path):
                 f"metrics.jsonl; a crash in {name} after the last epoch's checkpoint leaves "
                 "them one epoch behind, and resume() (epoch >= epochs) never rewrites them, "
                 "so summary/metrics/eval disagree with the checkpoint "
-                "(attnzoo/train/engine.py:197-200, 335-338)",
+                "(attnzoo/train/engine.py:175-178, 320-323)",
             ),
         )
         for name in ("save_weights", "write_metrics")
@@ -269,7 +269,7 @@ def _xfail_uncaught(kind: str):
         reason=f"bug: load_checkpoint catches only UnpicklingError/BadZipFile/RuntimeError/"
         f"EOFError/OSError; garbage starting with these bytes makes torch's weights-only "
         f"unpickler raise {kind}, which escapes as a non-RunError (and as a traceback from "
-        f"`attnzoo train --resume`) (attnzoo/train/checkpoint.py:66)",
+        f"`attnzoo train --resume`) (attnzoo/train/checkpoint.py:64-65)",
     )
 
 
@@ -326,6 +326,7 @@ class WriteMarkerWhenUnpickled:
         return (open, (self.marker, "w"))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 @pytest.mark.parametrize("writer", ["torch.save", "torch.save-legacy", "pickle.dump"])
 def test_malicious_checkpoint_is_refused_without_running_it(
     run_without_checkpoint, tmp_path, writer
@@ -395,7 +396,7 @@ def test_nan_loss_stops_with_the_step(tmp_path, monkeypatch):
     reason="bug: a run that fails in its first epoch (NaN, Ctrl-C, crash) leaves config.yaml "
     "but no checkpoint.pt; train() then refuses the directory ('already holds a run; "
     "continue it with --resume') and resume() refuses it ('missing checkpoint'), so the "
-    "advised fix is a dead end (attnzoo/train/engine.py:276-281, checkpoint.py:61-63)",
+    "advised fix is a dead end (attnzoo/train/engine.py:280-285, checkpoint.py:61-62)",
 )
 def test_run_that_failed_in_its_first_epoch_can_be_resumed(tmp_path, monkeypatch):
     original = F.cross_entropy
@@ -420,13 +421,13 @@ def test_run_that_failed_in_its_first_epoch_can_be_resumed(tmp_path, monkeypatch
 @pytest.mark.slow
 def test_real_cifar10_smoke(cifar_root, tmp_path, monkeypatch):
     # The full 10,000-image test set takes about a minute to evaluate on 2 cores; the real
-    # files are still loaded and checked, only the test split is cut to its first 500.
+    # files are still loaded and checked, only the test split is cut to its first 256.
     real_load = engine.load_dataset
 
     def load_with_small_test_split(name, data_dir=None):
         data = real_load(name, data_dir)
         assert data.test.images.shape == (10_000, 32, 32, 3)
-        data.test = Split(data.test.images[:500], data.test.labels[:500])
+        data.test = Split(data.test.images[:256], data.test.labels[:256])
         return data
 
     monkeypatch.setattr(engine, "load_dataset", load_with_small_test_split)
