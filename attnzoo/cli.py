@@ -16,18 +16,18 @@ import yaml
 EXIT_USAGE = 2
 
 
-def _kv_json(text: str) -> dict:
-    """Parse --attention-kwargs / --model-kwargs: JSON or YAML mapping, e.g. '{"reduction": 8}'."""
+def parse_mapping(option: str, text: str | None) -> dict | None:
+    """Parse --attention-kwargs / --model-kwargs: a JSON or YAML mapping, e.g. '{"reduction": 8}'."""
+    if text is None:
+        return None
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise argparse.ArgumentTypeError(f"not a JSON/YAML mapping: {text!r} ({e})") from e
+        raise ValueError(f"{option}: not a JSON/YAML mapping: {text!r}") from e
     if value is None:
         return {}
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(
-            f"expected a mapping like '{{\"reduction\": 8}}', got {text!r}"
-        )
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise ValueError(f"{option}: expected a mapping like '{{\"reduction\": 8}}', got {text!r}")
     return value
 
 
@@ -42,12 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--attention", help="attention module name, or 'none'")
     t.add_argument(
         "--attention-kwargs",
-        type=_kv_json,
         help="module options, e.g. '{\"separation_rate\": 0.5}'",
     )
-    t.add_argument(
-        "--model-kwargs", type=_kv_json, help='model options, e.g. \'{"shortcut": "B"}\''
-    )
+    t.add_argument("--model-kwargs", help='model options, e.g. \'{"shortcut": "B"}\'')
     t.add_argument("--dataset", help="dataset name (see `attnzoo list`), default cifar10")
     t.add_argument("--data-dir", help="data root (default: $ATTNZOO_DATA or ~/.cache/attnzoo)")
     t.add_argument("--recipe", default=None, help="recipe name or YAML path (default: ham)")
@@ -90,17 +87,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train import resolve_config, resume, train
 
     if args.resume:
-        given = [k for k in ("model", "attention", "dataset", "epochs", "out") if getattr(args, k)]
+        allowed = {"command", "resume", "progress"}
+        given = [k for k, v in vars(args).items() if k not in allowed and v is not None]
         if given:
-            raise ValueError(f"--resume continues a run as configured; drop --{', --'.join(given)}")
+            flags = ", ".join("--" + k.replace("_", "-") for k in sorted(given))
+            raise ValueError(f"--resume continues a run as configured; drop {flags}")
         summary = resume(args.resume)
     else:
         cfg = resolve_config(
             args.recipe or "ham",
             model=args.model,
             attention=None if args.attention in (None, "none") else args.attention,
-            attention_kwargs=args.attention_kwargs,
-            model_kwargs=args.model_kwargs,
+            attention_kwargs=parse_mapping("--attention-kwargs", args.attention_kwargs),
+            model_kwargs=parse_mapping("--model-kwargs", args.model_kwargs),
             dataset=args.dataset,
             data_dir=args.data_dir,
             epochs=args.epochs,

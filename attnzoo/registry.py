@@ -57,18 +57,24 @@ def _lookup(kind: str, name: str, table: dict) -> Callable:
     return table[name]
 
 
-def _call_checked(kind: str, name: str, fn: Callable, *args: Any, **kwargs: Any) -> nn.Module:
-    """Call ``fn`` but turn an unexpected keyword into a ValueError naming the valid ones."""
+def _check_kwargs(kind: str, name: str, fn: Callable, kwargs: dict) -> None:
+    """Raise ValueError naming the valid options if ``fn`` does not take every key."""
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"options for {kind} {name!r} must be a mapping, got {kwargs!r}")
     params = inspect.signature(fn).parameters
-    takes_var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    if not takes_var_kw:
-        valid = [p for p in params if p not in ("self", "channels")]
-        unknown = sorted(set(kwargs) - set(valid))
-        if unknown:
-            raise ValueError(
-                f"{kind} {name!r} got unknown option(s) {', '.join(unknown)}; "
-                f"valid options: {', '.join(valid) or '(none)'}"
-            )
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    valid = [p for p in params if p not in ("self", "channels")]
+    unknown = sorted(set(kwargs) - set(valid))
+    if unknown:
+        raise ValueError(
+            f"{kind} {name!r} got unknown option(s) {', '.join(unknown)}; "
+            f"valid options: {', '.join(valid) or '(none)'}"
+        )
+
+
+def _call_checked(kind: str, name: str, fn: Callable, *args: Any, **kwargs: Any) -> nn.Module:
+    _check_kwargs(kind, name, fn, kwargs)
     return fn(*args, **kwargs)
 
 
@@ -95,7 +101,7 @@ def check_attention(attention: str | None, attention_kwargs: dict | None = None)
         if attention_kwargs:
             raise ValueError("attention_kwargs given but no attention selected")
         return
-    attention_class(attention)
+    _check_kwargs("attention", attention, attention_class(attention), attention_kwargs or {})
 
 
 def create_model(

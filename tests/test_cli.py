@@ -160,13 +160,6 @@ def test_attention_kwargs_not_a_mapping(tmp_path, capsys, text):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug (contract): cli.py's docstring promises one line per user error, but a bad "
-    "--attention-kwargs/--model-kwargs value is reported through argparse (_kv_json raises "
-    "ArgumentTypeError): a usage block plus 'attnzoo train: error: argument ...' "
-    "(attnzoo/cli.py:19-30, 163)",
-)
 def test_attention_kwargs_not_a_mapping_is_one_line(tmp_path, capsys):
     argv = ["train", "--dataset", "digits", "--attention", "ham", "--attention-kwargs", "[1, 2]"]
     code, _, err = run_cli(argv + ["--out", tmp_path / "run"], capsys)
@@ -188,12 +181,6 @@ def test_resume_with_model_is_refused(tmp_path, capsys):
     assert_one_line_error(code, err, "--resume continues a run as configured", "drop --model")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: with --resume only --model/--attention/--dataset/--epochs/--out are refused; "
-    "--lr, --seed, --batch-size, --recipe, --attention-kwargs, ... are silently ignored "
-    "(attnzoo/cli.py:92-95)",
-)
 @pytest.mark.parametrize("option", [["--lr", "0.5"], ["--seed", "3"]])
 def test_resume_refuses_every_run_option(tmp_path, capsys, option):
     code, _, err = run_cli(["train", "--resume", tmp_path / "run", *option], capsys)
@@ -205,13 +192,6 @@ def test_resume_of_a_missing_run(tmp_path, capsys):
     assert_one_line_error(code, err, "does not exist")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=KeyError,
-    reason="bug: a checkpoint.pt holding 'hello world\\n' makes torch.load(weights_only=True) "
-    "raise KeyError, which load_checkpoint does not turn into RunError and main() does not "
-    "catch: `attnzoo train --resume RUN` prints a traceback (attnzoo/train/checkpoint.py:64-65)",
-)
 def test_resume_of_a_garbage_checkpoint_is_one_line(tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()

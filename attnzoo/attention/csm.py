@@ -21,8 +21,9 @@ Choices the paper leaves open, and ours:
   so at initialisation the module is the channel attention alone. The residual and gamma
   come from DANet, not from this paper.
 - Softmax axis: as in DANet, each output position's weights over all HW positions sum to
-  one (Eq. 5 normalises over i for each j). We follow DANet's code in calling the conv
-  normalised over the query (see ``danet.py``); the function class is the same.
+  one (Eq. 5 normalises over i for each j). As Eq. 5 is written, B_i is the key and C_j
+  the query; we follow DANet's code, which calls B the query (see ``danet.py``). The two
+  convs have the same shape and init, so this only names them; the function is the same.
 - Convolutions producing B, C, D: the paper says "convolutional layers" without a kernel
   size; we use 1x1 convolutions with bias, as DANet does.
 - Width of B and C: Fig. 3 states {B, C, D} in R^{C x H x W}, so the default is

@@ -29,8 +29,20 @@ class Split:
 
 def save_split(path: str | os.PathLike, images: np.ndarray, labels: np.ndarray) -> None:
     """Write a split atomically in the documented layout."""
+    images, labels = np.asarray(images), np.asarray(labels)
+    if images.dtype != np.uint8:
+        if (
+            not np.issubdtype(images.dtype, np.integer)
+            or images.size == 0
+            or (images.min() < 0 or images.max() > 255)
+        ):
+            raise DataError(
+                f"{path}: 'images' must be uint8 (or integers in [0, 255]), got {images.dtype}"
+            )
     images = np.ascontiguousarray(images, dtype=np.uint8)
-    labels = np.asarray(labels, dtype=np.int64)
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"{path}: 'labels' must be integers, got {labels.dtype}")
+    labels = labels.astype(np.int64, copy=False)
     _check(images, labels, path, num_classes=None)
     atomic_write(path, lambda f: np.savez(f, images=images, labels=labels))
 
@@ -41,7 +53,12 @@ def load_split(path: str | os.PathLike, num_classes: int | None = None) -> Split
     if not path.is_file():
         raise DataError(f"missing dataset file {path}")
     try:
-        with np.load(path, allow_pickle=False) as d:
+        d = np.load(path, allow_pickle=False)
+        if not isinstance(d, np.lib.npyio.NpzFile):
+            raise DataError(
+                f"{path} is a single .npy array, not an .npz archive with 'images' and 'labels'"
+            )
+        with d:
             missing = [k for k in ("images", "labels") if k not in d.files]
             if missing:
                 raise DataError(
@@ -51,7 +68,7 @@ def load_split(path: str | os.PathLike, num_classes: int | None = None) -> Split
             images, labels = d["images"], d["labels"]
     except DataError:
         raise
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, TypeError, KeyError) as e:
         raise DataError(f"cannot read {path} ({e}); the file is truncated or not an .npz") from e
     _check(images, labels, path, num_classes)
     return Split(images, labels.astype(np.int64, copy=False))

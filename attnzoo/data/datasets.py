@@ -95,7 +95,8 @@ def download_cifar(name: str, root: Path) -> None:
                 ds = getattr(torchvision.datasets, cls_name)(tmp, train=train, download=True)
             except Exception as e:  # network failure, checksum failure, ...
                 raise DataError(
-                    f"{name}: no {target / (split + '.npz')} and the download failed ({e}). "
+                    f"{name}: {target / 'train.npz'} and {target / 'test.npz'} are not both "
+                    f"there, and the download failed ({e}). "
                     f"Put train.npz/test.npz there (arrays 'images' uint8 [N,32,32,3], "
                     f"'labels' int64 [N]) or point --data-dir / ATTNZOO_DATA at a root that "
                     f"has them"

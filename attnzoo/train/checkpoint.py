@@ -13,8 +13,6 @@ Each file is replaced atomically, so a crash leaves the previous complete versio
 from __future__ import annotations
 
 import json
-import pickle
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -59,10 +57,13 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 def load_checkpoint(path: Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise RunError(f"missing checkpoint {path}")
+        raise RunError(
+            f"no checkpoint {path}: the run stopped before finishing an epoch; start it again "
+            f"with the same --out"
+        )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, OSError) as e:
+    except Exception as e:  # garbage bytes raise anything from KeyError to struct.error
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RunError(
             f"refusing or unable to load checkpoint {path}: {reason} "

@@ -51,6 +51,9 @@ class TrainConfig:
             raise ValueError(
                 f"unknown model {self.model!r}; choose one of: {', '.join(list_models())}"
             )
+        for name in ("attention_kwargs", "model_kwargs"):
+            if not isinstance(getattr(self, name), dict):
+                raise ValueError(f"{name} must be a mapping, got {getattr(self, name)!r}")
         check_attention(self.attention, self.attention_kwargs)
         check_dataset(self.dataset)
         _positive_int("epochs", self.epochs)
@@ -86,9 +89,6 @@ class TrainConfig:
             _positive_int("threads", self.threads)
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
-        for name in ("attention_kwargs", "model_kwargs"):
-            if not isinstance(getattr(self, name), dict):
-                raise ValueError(f"{name} must be a mapping, got {getattr(self, name)!r}")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -173,9 +173,11 @@ class Trainer:
             raise RunError(f"checkpoint does not match this run: {e}") from e
 
     def save(self) -> None:
-        save_checkpoint(self.out / "checkpoint.pt", self.state_dict())
+        # checkpoint.pt goes last: it is what resume trusts, so the files written before it
+        # are never behind it (a crash in between only repeats that epoch's writes).
         save_weights(self.out / "model.safetensors", self.model, {"epoch": str(self.epoch)})
         write_metrics(self.out, self.metrics)
+        save_checkpoint(self.out / "checkpoint.pt", self.state_dict())
 
     # ------------------------------------------------------------ loop
     def train_epoch(self) -> dict[str, float]:
@@ -279,7 +281,9 @@ class Trainer:
 def _check_fresh(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise RunError(f"--out {out} exists and is not a directory")
-    if out.is_dir() and any((out / f).exists() for f in ("config.yaml", "checkpoint.pt")):
+    # A run counts once it has a checkpoint; a run that died in its first epoch (config.yaml
+    # only) is simply started again.
+    if out.is_dir() and (out / "checkpoint.pt").exists():
         raise RunError(
             f"{out} already holds a run; continue it with --resume {out} or choose another --out"
         )
@@ -318,6 +322,7 @@ def resume(run_dir: str | os.PathLike, log=print) -> dict[str, Any]:
     trainer.metrics = read_metrics(run_dir)[: trainer.epoch]
     log(f"resuming {run_dir} after epoch {trainer.epoch}/{cfg.epochs}")
     if trainer.epoch >= cfg.epochs:
+        trainer.save()  # the crash may have come between the final writes
         summary = trainer.summary()
         atomic_write_json(run_dir / "summary.json", summary)
         return summary

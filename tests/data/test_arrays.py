@@ -65,11 +65,6 @@ def test_garbage_file(tmp_path, content):
         load_split(path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: load_split uses np.load(...) as a context manager; a .npy file (np.load "
-    "returns an ndarray) raises TypeError instead of DataError (attnzoo/data/arrays.py:44)",
-)
 def test_npy_file_with_npz_name_is_a_data_error(tmp_path):
     path = tmp_path / "train.npz"
     with open(path, "wb") as f:
@@ -159,12 +154,6 @@ def test_save_split_validates(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: save_split casts with np.ascontiguousarray(images, dtype=np.uint8) before "
-    "_check, so float images in [0, 1] are silently written as zeros (and ints > 255 wrap) "
-    "instead of being refused (attnzoo/data/arrays.py:32)",
-)
 def test_save_split_refuses_float_images(tmp_path):
     path = tmp_path / "x.npz"
     with pytest.raises(DataError, match="uint8"):

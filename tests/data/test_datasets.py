@@ -206,12 +206,6 @@ def test_failed_download_says_where_to_put_the_files(monkeypatch, tmp_path):
     assert list((tmp_path / "cifar10").iterdir()) == []  # no half-downloaded leftovers
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: download_cifar's error always reports the first split it tried, so with "
-    "train.npz present and test.npz missing the message says 'no .../train.npz' "
-    "(attnzoo/data/datasets.py:98)",
-)
 def test_failed_download_names_the_file_that_is_missing(monkeypatch, tiny_cifar_root):
     (tiny_cifar_root / "cifar10" / "test.npz").unlink()
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)

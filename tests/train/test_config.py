@@ -141,13 +141,6 @@ def test_bad_values(overrides, message):
         resolve_config("ham", **overrides)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: TrainConfig.validate -> registry.check_attention checks only the attention "
-    "name, not its options (its docstring says 'name and options'), so an unknown option "
-    "passes validation and fails only after the dataset was loaded (or downloaded) in "
-    "Trainer (attnzoo/registry.py:92-98, attnzoo/train/config.py:54)",
-)
 def test_unknown_attention_option_is_caught_by_validation():
     with pytest.raises(ValueError, match="reduction_ratio"):
         resolve_config("ham", attention="ham", attention_kwargs={"reduction_ratio": 4})
