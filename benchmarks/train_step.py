@@ -58,7 +58,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     cases = [(a, m) for a in args.attentions for m in args.modes]
-    steps = {c: make_step(args.model, *c, args.batch_size, args.input_size, args.classes) for c in cases}
+    steps = {
+        c: make_step(args.model, *c, args.batch_size, args.input_size, args.classes) for c in cases
+    }
     for step in steps.values():
         for _ in range(args.warmup):
             step()
@@ -69,8 +71,10 @@ def main() -> None:
             step()
             times[c].append(time.perf_counter() - t0)
     med = {c: statistics.median(t) for c, t in times.items()}
-    print(f"{args.model}, batch {args.batch_size}, {args.input_size}x{args.input_size}, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}, median of {args.repeats}")
+    print(
+        f"{args.model}, batch {args.batch_size}, {args.input_size}x{args.input_size}, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}, median of {args.repeats}"
+    )
     print("| attention | mode | step ms | images/s | vs first mode | vs no attention |")
     print("| --- | --- | --- | --- | --- | --- |")
     for a, m in cases:
@@ -78,7 +82,9 @@ def main() -> None:
         vs_mode = t / med[(a, args.modes[0])]
         base = med.get(("none", m))
         vs_plain = f"{t / base:.2f}x" if base else "-"
-        print(f"| {a} | {m} | {1000 * t:.1f} | {args.batch_size / t:.0f} | {vs_mode:.2f}x | {vs_plain} |")
+        print(
+            f"| {a} | {m} | {1000 * t:.1f} | {args.batch_size / t:.0f} | {vs_mode:.2f}x | {vs_plain} |"
+        )
 
 
 if __name__ == "__main__":
