@@ -17,12 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch import nn
 
-from ..utils.io import atomic_write, atomic_write_text
+from ..utils.io import atomic_write, atomic_write_text, read_yaml_mapping
 
 
 class RunError(Exception):
@@ -80,13 +79,7 @@ def read_config(run_dir: Path) -> dict[str, Any]:
         raise RunError(f"run directory {run_dir} does not exist")
     if not path.is_file():
         raise RunError(f"{run_dir} is not a run directory (no config.yaml)")
-    try:
-        values = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise RunError(f"cannot read {path}: {e}") from e
-    if not isinstance(values, dict):
-        raise RunError(f"{path} does not hold a config mapping")
-    return values
+    return read_yaml_mapping(path, RunError, "run config")
 
 
 def write_metrics(run_dir: Path, rows: list[dict[str, Any]]) -> None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from ..utils.io import read_yaml_mapping
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
 SCHEDULES = ("multistep", "cosine", "constant")
@@ -123,13 +123,7 @@ def load_recipe(name: str) -> dict[str, Any]:
         path = RECIPE_DIR / f"{name}.yaml"
         if not path.is_file():
             raise ValueError(f"unknown recipe {name!r}; choose one of: {', '.join(list_recipes())}")
-    try:
-        values = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise ValueError(f"cannot read recipe {path}: {e}") from e
-    if not isinstance(values, dict):
-        raise ValueError(f"recipe {path} must be a YAML mapping")
-    return values
+    return read_yaml_mapping(path, ValueError, "recipe")
 
 
 def resolve_config(recipe: str = "ham", **overrides: Any) -> TrainConfig:

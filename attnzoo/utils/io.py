@@ -49,3 +49,14 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 
 def atomic_write_yaml(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, yaml.safe_dump(obj, sort_keys=False))
+
+
+def read_yaml_mapping(path: str | os.PathLike, error: type[Exception], what: str) -> dict:
+    """Parse ``path`` as a YAML mapping; any failure raises ``error`` naming ``what``."""
+    try:
+        values = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise error(f"cannot read {what} {path}: {e}") from e
+    if not isinstance(values, dict):
+        raise error(f"{what} {path} must be a YAML mapping")
+    return values
