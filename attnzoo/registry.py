@@ -4,6 +4,17 @@
 ``create_model(name, num_classes=10, attention=None, attention_kwargs=None, **kwargs)``
 are the public entry points; modules and models register themselves with the
 decorators below when their file is imported.
+
+Every attention has a *level*, which says how a backbone plugs it in:
+
+- ``"module"``: a drop-in C -> C module, ``module(x)``; a backbone places it per block,
+  per stage or once at the end (the model's ``placement`` option).
+- ``"block"``: also C -> C, but it reads the block's earlier intermediate outputs too,
+  ``module(x, earlier)`` (bridge attention). Built with ``earlier_channels``; it only goes
+  inside residual blocks.
+- ``"model"``: it changes the network around the backbone (ABN's attention branch, the
+  seed-002 bridge head). Registered as ``cls(backbone, **kwargs)``; ``create_model`` builds
+  the plain backbone and wraps it.
 """
 
 from __future__ import annotations
@@ -15,17 +26,23 @@ from typing import Any
 from torch import nn
 
 _ATTENTIONS: dict[str, Callable[..., nn.Module]] = {}
+_LEVELS: dict[str, str] = {}
+ATTENTION_LEVELS = ("module", "block", "model")
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 
 # Names that mean "no attention" wherever an attention name is accepted.
 NO_ATTENTION = (None, "", "none")
 
 
-def register_attention(name: str) -> Callable:
+def register_attention(name: str, level: str = "module") -> Callable:
+    if level not in ATTENTION_LEVELS:
+        raise ValueError(f"unknown attention level {level!r}; choose one of: {ATTENTION_LEVELS}")
+
     def wrap(cls: Callable) -> Callable:
         if name in _ATTENTIONS:
             raise RuntimeError(f"attention {name!r} registered twice")
         _ATTENTIONS[name] = cls
+        _LEVELS[name] = level
         return cls
 
     return wrap
@@ -41,9 +58,15 @@ def register_model(name: str) -> Callable:
     return wrap
 
 
-def list_attentions() -> list[str]:
-    """Sorted names of every registered attention module."""
-    return sorted(_ATTENTIONS)
+def list_attentions(level: str | tuple[str, ...] | None = None) -> list[str]:
+    """Sorted names of every registered attention, or of those at ``level`` (one or several)."""
+    if level is None:
+        return sorted(_ATTENTIONS)
+    levels = (level,) if isinstance(level, str) else tuple(level)
+    for lv in levels:
+        if lv not in ATTENTION_LEVELS:
+            raise ValueError(f"unknown attention level {lv!r}; choose one of: {ATTENTION_LEVELS}")
+    return sorted(n for n in _ATTENTIONS if _LEVELS[n] in levels)
 
 
 def list_models() -> list[str]:
@@ -64,7 +87,7 @@ def _check_kwargs(kind: str, name: str, fn: Callable, kwargs: dict) -> None:
     params = inspect.signature(fn).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return
-    valid = [p for p in params if p not in ("self", "channels")]
+    valid = [p for p in params if p not in ("self", "channels", "backbone")]
     unknown = sorted(set(kwargs) - set(valid))
     if unknown:
         raise ValueError(
@@ -83,13 +106,25 @@ def attention_class(name: str) -> Callable[..., nn.Module]:
     return _lookup("attention", name, _ATTENTIONS)
 
 
+def attention_level(name: str) -> str:
+    """``"module"``, ``"block"`` or ``"model"``: how a backbone plugs ``name`` in."""
+    attention_class(name)
+    return _LEVELS[name]
+
+
 def create_attention(name: str, channels: int, **kwargs: Any) -> nn.Module:
     """Build the attention module ``name`` for ``channels`` input channels.
 
     Raises ``ValueError`` for an unknown name (listing the valid ones), an unknown
-    option, or an option value the module cannot take.
+    option, an option value the module cannot take, or a model-level attention (those
+    wrap a whole network: build them with ``create_model(..., attention=name)``).
     """
     cls = attention_class(name)
+    if _LEVELS[name] == "model":
+        raise ValueError(
+            f"attention {name!r} changes the whole network, not one feature map; "
+            f"build it with create_model(<model>, attention={name!r})"
+        )
     if not isinstance(channels, int) or isinstance(channels, bool) or channels < 1:
         raise ValueError(f"channels must be a positive int, got {channels!r}")
     return _call_checked("attention", name, cls, channels, **kwargs)
@@ -118,6 +153,23 @@ def create_model(
     check_attention(attention, attention_kwargs)
     if attention in NO_ATTENTION:
         attention = None
+    if attention is not None and _LEVELS[attention] == "model":
+        if "placement" in kwargs:
+            raise ValueError(
+                f"placement does not apply to {attention!r}: it is a model-level attention"
+            )
+        backbone = _call_checked(
+            "model",
+            name,
+            fn,
+            num_classes=num_classes,
+            attention=None,
+            attention_kwargs={},
+            **kwargs,
+        )
+        return _call_checked(
+            "attention", attention, _ATTENTIONS[attention], backbone, **(attention_kwargs or {})
+        )
     return _call_checked(
         "model",
         name,

@@ -16,9 +16,9 @@ import time
 from contextlib import nullcontext
 
 import torch
-import torch.nn.functional as F
 
 import attnzoo
+from attnzoo.train.loss import training_loss
 
 
 def make_step(model_name, attention, mode, batch, size, classes):
@@ -35,7 +35,7 @@ def make_step(model_name, attention, mode, batch, size, classes):
 
     def step():
         with ctx():
-            loss = F.cross_entropy(model(x), y)
+            loss = training_loss(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -38,26 +38,10 @@ option; this class is only the module.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..registry import register_attention
-from .layers import check_input, reduced_channels
-
-
-class SingleSampleSafeBatchNorm1d(nn.BatchNorm1d):
-    """BatchNorm1d that uses its running statistics for a training batch of one sample.
-
-    For N >= 2, or in eval mode, it is exactly ``nn.BatchNorm1d``. For N = 1 in training mode
-    it computes what eval mode would and does not update the running statistics.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and x.shape[0] == 1:
-            return F.batch_norm(
-                x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
-            )
-        return super().forward(x)
+from .layers import SingleSampleSafeBatchNorm1d, check_input, reduced_channels
 
 
 @register_attention("bam")

@@ -5,6 +5,7 @@
 - ``AdaptivePoolMix``: HAM's adaptive mix of avg- and max-pooled descriptors, Eq. (5).
 - ``SpatialGate``: CBAM's spatial gate, sigmoid(BN(conv([mean_c; max_c]))).
 - ``check_input``: one clear error for a wrong input shape.
+- ``SingleSampleSafeBatchNorm1d``: BatchNorm1d that survives a training batch of one.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 REDUCTION_RULES = ("floor", "round8")
@@ -106,3 +108,18 @@ class SpatialGate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.attention_map(x)
+
+
+class SingleSampleSafeBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d that uses its running statistics for a training batch of one sample.
+
+    For N >= 2, or in eval mode, it is exactly ``nn.BatchNorm1d``. For N = 1 in training mode
+    it computes what eval mode would and does not update the running statistics.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and x.shape[0] == 1:
+            return F.batch_norm(
+                x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+            )
+        return super().forward(x)

@@ -7,7 +7,10 @@ channels, parameter-free) by default, as in the paper; ``shortcut="B"`` uses a 1
 projection where the shape changes.
 
 The attention module sits in every residual block after the last BN and before the
-addition with the shortcut (HAM Fig. 4, SE/CBAM placement).
+addition with the shortcut (HAM Fig. 4, SE/CBAM placement); ``placement="stage"`` or
+``"final"`` moves it to the stage boundaries or the last feature map (see backbone.py).
+A block-level attention (bridge) also reads the block's first conv output, after its
+BN and ReLU.
 
 Parameters with 10 classes, no attention: resnet20 269,722; resnet32 464,154;
 resnet44 658,586; resnet56 853,018; resnet110 1,727,962.
@@ -19,7 +22,8 @@ import torch
 from torch import nn
 
 from ..registry import register_model
-from .common import AttentionFactory, attention_factory, check_model_input, make_shortcut
+from .backbone import Backbone
+from .common import AttentionFactory, attend, make_shortcut, no_attention
 
 
 class BasicBlock(nn.Module):
@@ -39,16 +43,18 @@ class BasicBlock(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(out_channels)
-        self.attention = make_attention(out_channels)
+        self.attention = make_attention(out_channels, earlier_channels=(out_channels,))
         self.shortcut = make_shortcut(shortcut, in_channels, out_channels, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.attention(self.bn2(self.conv2(out)))
+        mid = self.relu(self.bn1(self.conv1(x)))
+        out = attend(self.attention, self.bn2(self.conv2(mid)), [mid])
         return self.relu(out + self.shortcut(x))
 
 
-class CifarResNet(nn.Module):
+class CifarResNet(Backbone):
+    stage_names = ("layer1", "layer2", "layer3")
+
     def __init__(
         self,
         depth: int = 20,
@@ -58,47 +64,57 @@ class CifarResNet(nn.Module):
         shortcut: str = "A",
         in_chans: int = 3,
         widths: tuple[int, int, int] = (16, 32, 64),
+        placement: str = "block",
     ) -> None:
-        super().__init__()
+        super().__init__(f"resnet{depth}", in_chans, num_classes)
         if depth < 8 or (depth - 2) % 6:
             raise ValueError(f"CIFAR ResNet depth must be 6n + 2 with n >= 1, got {depth}")
-        blocks = (depth - 2) // 6
-        self.in_chans = in_chans
-        self.name = f"resnet{depth}"
-        make_attention = attention_factory(attention, attention_kwargs)
+        self.blocks_per_stage = (depth - 2) // 6
+        self.shortcut = shortcut
+        self.widths = tuple(widths)
+        make_attention = self.block_attention(attention, attention_kwargs, placement)
         self.conv1 = nn.Conv2d(in_chans, widths[0], 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
         self.relu = nn.ReLU(inplace=True)
-        stages = []
-        in_channels = widths[0]
-        for i, width in enumerate(widths):
-            layers = []
-            for j in range(blocks):
-                stride = 2 if (i > 0 and j == 0) else 1
-                layers.append(BasicBlock(in_channels, width, stride, shortcut, make_attention))
-                in_channels = width
-            stages.append(nn.Sequential(*layers))
-        self.layer1, self.layer2, self.layer3 = stages
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(in_channels, num_classes)
-        self.num_features = in_channels
+        self.layer1, self.layer2, self.layer3 = (
+            self._make_stage(i, 1 if i == 0 else 2, make_attention) for i in range(3)
+        )
+        self.stage_channels = list(widths)
+        self.place_attention()
+        self.fc = nn.Linear(widths[-1], num_classes)
+        self.num_features = widths[-1]
         self._init_weights()
 
-    def _init_weights(self) -> None:
-        for m in self.modules():
+    def _make_stage(
+        self, index: int, stride: int, make_attention: AttentionFactory
+    ) -> nn.Sequential:
+        in_channels = self.widths[max(index - 1, 0)]
+        width = self.widths[index]
+        layers = []
+        for j in range(self.blocks_per_stage):
+            layers.append(
+                BasicBlock(
+                    in_channels, width, stride if j == 0 else 1, self.shortcut, make_attention
+                )
+            )
+            in_channels = width
+        return nn.Sequential(*layers)
+
+    def make_stage(self, index: int, stride: int) -> nn.Sequential:
+        stage = self._make_stage(index, stride, no_attention)
+        self._init_weights(stage)
+        return stage
+
+    def _stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.bn1(self.conv1(x)))
+
+    def _init_weights(self, root: nn.Module | None = None) -> None:
+        for m in (root or self).modules():
             if isinstance(m, nn.Conv2d) and m.out_channels > 1:
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(m, nn.BatchNorm2d) and m.num_features > 1:
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        check_model_input(x, self.in_chans, self.name)
-        x = self.relu(self.bn1(self.conv1(x)))
-        return self.layer3(self.layer2(self.layer1(x)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(self.pool(self.forward_features(x)), 1))
 
 
 def _register(depth: int) -> None:
@@ -109,8 +125,17 @@ def _register(depth: int) -> None:
         attention_kwargs: dict | None = None,
         shortcut: str = "A",
         in_chans: int = 3,
+        placement: str = "block",
     ) -> CifarResNet:
-        return CifarResNet(depth, num_classes, attention, attention_kwargs, shortcut, in_chans)
+        return CifarResNet(
+            depth,
+            num_classes,
+            attention,
+            attention_kwargs,
+            shortcut,
+            in_chans,
+            placement=placement,
+        )
 
     build.__doc__ = f"CIFAR ResNet-{depth} (6n+2, n={(depth - 2) // 6})."
 

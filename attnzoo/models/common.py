@@ -1,25 +1,60 @@
-"""Pieces every backbone shares: how an attention module is plugged in, and shortcuts."""
+"""Pieces every backbone's blocks share: how a block builds and applies its attention
+module, and the two kinds of shortcut."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..registry import create_attention
+from ..registry import attention_level, create_attention
 
-AttentionFactory = Callable[[int], nn.Module]
+# (channels, earlier_channels) -> module. ``earlier_channels`` lists the channel counts of
+# the block's intermediate outputs that a block-level attention (bridge) reads as well.
+AttentionFactory = Callable[..., nn.Module]
 SHORTCUTS = ("A", "B")
 
 
+def no_attention(channels: int, earlier_channels: Sequence[int] = ()) -> nn.Module:
+    return nn.Identity()
+
+
 def attention_factory(attention: str | None, attention_kwargs: dict | None) -> AttentionFactory:
-    """channels -> module: the named attention, or ``nn.Identity`` when there is none."""
+    """(channels, earlier_channels=()) -> module: the named attention, or ``nn.Identity``.
+
+    Module-level attentions ignore ``earlier_channels``; block-level ones are built with it.
+    """
     kwargs = dict(attention_kwargs or {})
     if attention is None:
-        return lambda channels: nn.Identity()
-    return lambda channels: create_attention(attention, channels, **kwargs)
+        return no_attention
+    level = attention_level(attention)
+    if level == "model":
+        raise ValueError(f"{attention!r} is a model-level attention; it does not go in a block")
+    if level == "block":
+        if "earlier_channels" in kwargs:
+            raise ValueError("earlier_channels is set by the backbone, not by attention_kwargs")
+
+        def build_block_level(channels: int, earlier_channels: Sequence[int] = ()) -> nn.Module:
+            return create_attention(
+                attention, channels, earlier_channels=tuple(earlier_channels), **kwargs
+            )
+
+        return build_block_level
+
+    def build(channels: int, earlier_channels: Sequence[int] = ()) -> nn.Module:
+        return create_attention(attention, channels, **kwargs)
+
+    return build
+
+
+def attend(module: nn.Module, x: torch.Tensor, earlier: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Apply a block's attention to ``x``; a block-level module also gets ``earlier``, the
+    block's intermediate outputs (in the order of the ``earlier_channels`` it was built with)."""
+    if getattr(module, "reads_earlier", False):
+        return module(x, earlier)
+    return module(x)
 
 
 def check_shortcut(shortcut: str) -> str:

@@ -30,6 +30,7 @@ from .checkpoint import (
     write_metrics,
 )
 from .config import TrainConfig
+from .loss import main_logits, training_loss
 from .schedule import learning_rate
 
 
@@ -204,8 +205,9 @@ class Trainer:
             lr = learning_rate(cfg, self.epoch + i / steps)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
+            output = model(x)
+            loss = training_loss(output, y)
+            logits = main_logits(output)
             if not torch.isfinite(loss):
                 raise RunError(
                     f"loss is {loss.item()} at epoch {self.epoch + 1}, step {self.step + 1}; "

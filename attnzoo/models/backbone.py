@@ -1,0 +1,129 @@
+"""The shape every backbone shares, and where an attention module goes in it.
+
+A backbone is a stem, a list of stages (each a sequence of blocks) and a head (global
+average pooling and a classifier). Subclasses provide the stem (``_stem``), the names of
+their stage attributes (``stage_names``, e.g. ``("layer1", ..., "layer4")`` as torchvision
+has them), ``stage_channels``, ``get_classifier()`` and, for ABN, ``make_stage``.
+
+Placement of a module-level attention (``placement=``):
+
+- ``"block"`` (default): one module in every block, where the block's own code puts it
+  (ResNets: after the last BN, before the addition with the shortcut).
+- ``"stage"``: one module at each stage boundary, i.e. after every stage but the last,
+  where the network downsamples next (BAM's placement; ResNet-50 gets three, a CIFAR
+  ResNet two).
+- ``"final"``: one module on the last feature map, before pooling (the single-module
+  variant of the attention-based CNN paper).
+
+Block-level attentions (bridge) only go in blocks. Model-level attentions (abn,
+bridge_head) are not placed by the backbone at all: ``create_model`` wraps the plain
+backbone, which is why they rely on the methods below and on nothing model-specific.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..registry import attention_level
+from .common import AttentionFactory, attention_factory, check_model_input, no_attention
+
+PLACEMENTS = ("block", "stage", "final")
+
+
+class Backbone(nn.Module):
+    stage_names: tuple[str, ...] = ()
+
+    def __init__(self, name: str, in_chans: int, num_classes: int) -> None:
+        super().__init__()
+        if not isinstance(in_chans, int) or isinstance(in_chans, bool) or in_chans < 1:
+            raise ValueError(f"in_chans must be a positive int, got {in_chans!r}")
+        self.name = name
+        self.in_chans = in_chans
+        self.num_classes = num_classes
+        self.stage_channels: list[int] = []
+        self.stage_attention: nn.ModuleList | None = None
+        self.final_attention: nn.Module | None = None
+        self._placed: tuple[str | None, dict, str] = (None, {}, "block")
+
+    # --- attention placement -------------------------------------------------------------
+
+    def block_attention(
+        self, attention: str | None, attention_kwargs: dict | None, placement: str = "block"
+    ) -> AttentionFactory:
+        """Check ``placement`` and return the factory the blocks build their module with
+        (``nn.Identity`` unless the placement is ``"block"``). Call ``place_attention()``
+        once the stages exist."""
+        if placement not in PLACEMENTS:
+            raise ValueError(
+                f"unknown placement {placement!r}; choose one of: {', '.join(PLACEMENTS)}"
+            )
+        if (
+            attention is not None
+            and placement != "block"
+            and attention_level(attention) != ("module")
+        ):
+            raise ValueError(
+                f"attention {attention!r} reads a block's intermediate outputs, so it only goes "
+                f"in blocks: use placement='block', not {placement!r}"
+            )
+        self._placed = (attention, dict(attention_kwargs or {}), placement)
+        if placement != "block":
+            return no_attention
+        return attention_factory(attention, attention_kwargs)
+
+    def place_attention(self) -> None:
+        """Build the stage or final modules for a ``"stage"``/``"final"`` placement."""
+        attention, kwargs, placement = self._placed
+        if attention is None or placement == "block":
+            return
+        make = attention_factory(attention, kwargs)
+        if placement == "stage":
+            if len(self.stage_channels) < 2:
+                raise ValueError(f"{self.name} has one stage: no stage boundary to place at")
+            self.stage_attention = nn.ModuleList(make(c) for c in self.stage_channels[:-1])
+        else:
+            self.final_attention = make(self.stage_channels[-1])
+
+    # --- forward pieces ------------------------------------------------------------------
+
+    def _stem(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        check_model_input(x, self.in_chans, self.name)
+        return self._stem(x)
+
+    def stages(self) -> list[nn.Module]:
+        return [getattr(self, n) for n in self.stage_names]
+
+    def forward_stage(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        """Stage ``index``, followed by its stage-boundary attention if there is one."""
+        x = getattr(self, self.stage_names[index])(x)
+        if self.stage_attention is not None and index < len(self.stage_attention):
+            x = self.stage_attention[index](x)
+        if self.final_attention is not None and index == len(self.stage_names) - 1:
+            x = self.final_attention(x)
+        return x
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.forward_stem(x)
+        for i in range(len(self.stage_names)):
+            x = self.forward_stage(i, x)
+        return x
+
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        return x if pre_logits else self.get_classifier()(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def make_stage(self, index: int, stride: int) -> nn.Module:
+        """A fresh stage built like stage ``index`` but with the given first stride and no
+        attention (ABN's attention branch copies the last stage at stride 1)."""
+        raise NotImplementedError(f"{self.name} cannot build a copy of one of its stages")
