@@ -154,6 +154,10 @@ def cmd_list(args: argparse.Namespace) -> int:
     for name, items in tables.items():
         if args.what in (None, name):
             print(f"{name}: {', '.join(items)}")
+        if name == "attentions" and args.what in (None, name):
+            # Not drop-in C -> C modules: they go in blocks only, or wrap the whole network.
+            for level in ("block", "model"):
+                print(f"{level}-level attentions: {', '.join(list_attentions(level=level))}")
     return 0
 
 

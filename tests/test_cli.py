@@ -43,7 +43,11 @@ def test_list(capsys):
     code, out, _ = run_cli(["list"], capsys)
     assert code == 0
     tables = dict(line.split(": ", 1) for line in out.strip().splitlines())
-    assert set(tables) == {"models", "attentions", "datasets", "recipes"}
+    assert set(tables) == {
+        "models", "attentions", "block-level attentions", "model-level attentions", "datasets",
+        "recipes",
+    }
+    assert tables["model-level attentions"] == "abn, bridge_head"
     assert "resnet20" in tables["models"].split(", ")
     assert "ham" in tables["attentions"].split(", ")
     assert tables["datasets"] == "cifar10, cifar100, digits"
