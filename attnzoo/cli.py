@@ -1,4 +1,4 @@
-"""Command line: ``attnzoo train | eval | list`` (also ``python -m attnzoo``).
+"""Command line: ``attnzoo train | eval | profile | list`` (also ``python -m attnzoo``).
 
 The CLI only parses arguments and calls library functions. Every user error (unknown
 name, bad option, missing or corrupt file) prints one line and exits with status 2.
@@ -78,6 +78,23 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data-dir", help="data root, if not the one the run used")
     e.add_argument("--json", action="store_true", help="print JSON")
 
+    pr = sub.add_parser(
+        "profile",
+        help="parameters, MACs/FLOPs, memory and latency, with and without the attention",
+    )
+    pr.add_argument("--model", required=True, help="model name (see `attnzoo list`)")
+    pr.add_argument("--attention", help="attention name, or 'none'")
+    pr.add_argument("--attention-kwargs", help="attention options, a JSON/YAML mapping")
+    pr.add_argument("--model-kwargs", help='model options, e.g. \'{"placement": "stage"}\'')
+    pr.add_argument("--num-classes", type=int, default=10)
+    pr.add_argument("--input-size", type=int, default=32, help="square input side (default 32)")
+    pr.add_argument("--batch-size", type=int, default=128, help="for memory and latency")
+    pr.add_argument("--repeats", type=int, default=10, help="timed steps (median)")
+    pr.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    pr.add_argument("--no-timing", action="store_true", help="skip the latency measurement")
+    pr.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    pr.add_argument("--json", action="store_true", help="print JSON")
+
     ls = sub.add_parser("list", help="list models, attentions, datasets and recipes")
     ls.add_argument("what", nargs="?", choices=["models", "attentions", "datasets", "recipes"])
     return parser
@@ -140,6 +157,40 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_profile(args: argparse.Namespace) -> int:
+    import torch
+
+    from .measure import ModelSpec, format_profile, profile
+    from .registry import check_attention
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    attention = None if args.attention in (None, "none") else args.attention
+    attention_kwargs = parse_mapping("--attention-kwargs", args.attention_kwargs) or {}
+    check_attention(attention, attention_kwargs)
+    spec = ModelSpec(
+        args.model,
+        attention,
+        attention_kwargs,
+        parse_mapping("--model-kwargs", args.model_kwargs) or {},
+        args.num_classes,
+    )
+    spec.build()  # bad names and options fail here, before any measurement
+    result = profile(
+        spec,
+        input_size=args.input_size,
+        batch_size=args.batch_size,
+        repeats=args.repeats,
+        timing=not args.no_timing,
+        memory=not args.no_memory,
+        threads=args.threads,
+    )
+    print(json.dumps(result, indent=2, sort_keys=True) if args.json else format_profile(result))
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from . import list_attentions, list_models
     from .data import list_datasets
@@ -168,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     from .train import RunError
 
     try:
-        return {"train": cmd_train, "eval": cmd_eval, "list": cmd_list}[args.command](args)
+        commands = {"train": cmd_train, "eval": cmd_eval, "profile": cmd_profile, "list": cmd_list}
+        return commands[args.command](args)
     except (ValueError, TypeError, DataError, RunError, FileNotFoundError, PermissionError) as e:
         print(f"attnzoo: error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -3,8 +3,9 @@
     python benchmarks/train_step.py --model resnet20 --batch-size 128 \
         --attentions none se eca cbam ham --modes contiguous channels_last bf16
 
-Prints a Markdown table: median step time (ms), images/s, and the ratio to the first
-mode / to the plain network measured in the same run. Modes and attentions are
+Prints a Markdown table: parameters (and the delta to the plain network), median step time
+(ms), images/s, and the ratio to the first mode / to the plain network measured in the
+same run. Modes and attentions are
 interleaved round-robin so that machine noise hits them alike.
 """
 
@@ -40,7 +41,7 @@ def make_step(model_name, attention, mode, batch, size, classes):
         loss.backward()
         opt.step()
 
-    return step
+    return step, sum(p.numel() for p in model.parameters())
 
 
 def main() -> None:
@@ -58,9 +59,11 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     cases = [(a, m) for a in args.attentions for m in args.modes]
-    steps = {
+    built = {
         c: make_step(args.model, *c, args.batch_size, args.input_size, args.classes) for c in cases
     }
+    steps = {c: b[0] for c, b in built.items()}
+    params = {a: built[(a, args.modes[0])][1] for a in args.attentions}
     for step in steps.values():
         for _ in range(args.warmup):
             step()
@@ -75,15 +78,20 @@ def main() -> None:
         f"{args.model}, batch {args.batch_size}, {args.input_size}x{args.input_size}, "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}, median of {args.repeats}"
     )
-    print("| attention | mode | step ms | images/s | vs first mode | vs no attention |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print(
+        "| attention | params | delta | mode | step ms | images/s | vs first mode "
+        "| vs no attention |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for a, m in cases:
         t = med[(a, m)]
         vs_mode = t / med[(a, args.modes[0])]
         base = med.get(("none", m))
         vs_plain = f"{t / base:.2f}x" if base else "-"
+        delta = f"{params[a] - params['none']:+,}" if "none" in params else "-"
         print(
-            f"| {a} | {m} | {1000 * t:.1f} | {args.batch_size / t:.0f} | {vs_mode:.2f}x | {vs_plain} |"
+            f"| {a} | {params[a]:,} | {delta} | {m} | {1000 * t:.1f} | {args.batch_size / t:.0f} "
+            f"| {vs_mode:.2f}x | {vs_plain} |"
         )
 
 

@@ -1,0 +1,298 @@
+"""ImageNet-style ResNets, wide ResNet-18s and ResNeXt-50.
+
+Papers: He, Zhang, Ren, Sun, "Deep Residual Learning for Image Recognition", CVPR 2016
+(ResNet-18/34/50/101); Zagoruyko, Komodakis, "Wide Residual Networks", BMVC 2016 (widening);
+Xie, Girshick, Dollar, Tu, He, "Aggregated Residual Transformations for Deep Neural
+Networks", CVPR 2017 (ResNeXt-50 32x4d).
+
+Structure and parameter names are torchvision's (``torchvision.models.resnet18`` etc.):
+``conv1, bn1, relu, maxpool`` (the stem), ``layer1`` ... ``layer4`` (the stages), ``fc``.
+A block has ``conv1, bn1, conv2, bn2`` (BasicBlock) or also ``conv3, bn3`` (Bottleneck, with
+the stride on its 3x3 conv as in torchvision's "v1.5"), an ``attention`` module and a
+``downsample`` shortcut (None where the shortcut is the identity). Without attention, a
+torchvision state_dict loads with ``strict=True`` and gives the same outputs.
+
+Options:
+- ``stem="imagenet"`` (default): 7x7 stride-2 conv, BN, ReLU, 3x3 stride-2 max-pool.
+  ``stem="cifar"``: a 3x3 stride-1 conv (still ``conv1``), BN, ReLU and no max-pool, for
+  32x32 (CIFAR) and 96x96 (STL-10) inputs.
+- ``shortcut="B"`` (default): a 1x1 conv + BN projection where the shape changes
+  (torchvision's ``downsample``). ``shortcut="A"``: parameter-free, a strided identity with
+  zero-padded channels (``PadShortcut``); this also pads layer1's first Bottleneck from 64
+  to 256 channels at stride 1.
+
+Attention: in every block, after the last BN and before the addition with the shortcut
+(``placement="block"``); ``"stage"`` and ``"final"`` move it to the stage boundaries or the
+last feature map (see backbone.py). A block-level attention (bridge) also reads the block's
+earlier conv outputs after their BN and ReLU: relu(bn1) in a BasicBlock, relu(bn1) and
+relu(bn2) in a Bottleneck. ``make_stage`` builds a fresh stage, so model-level attentions
+(abn, bridge_head) wrap these backbones too.
+
+Widening (our reading of "WideResNet-18 (widen=1.5)" in seed 000 Table II and
+"WideResNet18-2" in HAM Table 5): every width of ResNet-18 is multiplied by the factor, the
+stem's 64 channels included, so ``wide_resnet18_2`` has widths 128, 256, 512, 1024 after a
+128-channel stem (Zagoruyko and Komodakis widen every layer of a BasicBlock network).
+torchvision's ``wide_resnet50_2`` differs: it widens only the inner 3x3 width of a
+Bottleneck. HAM's 43.98M fixes the stem: with a widened stem, ``stem="cifar"``,
+``shortcut="A"`` and 10 classes the model has 43,982,218 parameters (43.98M); a 64-channel
+stem would need a 64 -> 128 shortcut in layer1 and gives 43,976,778 (option A) or
+43,985,738 (option B).
+
+Parameters, no attention, 1000 classes (torchvision's defaults, ``stem="imagenet"``,
+``shortcut="B"``): resnet18 11,689,512; resnet34 21,797,672; resnet50 25,557,032;
+resnet101 44,549,160; resnext50_32x4d 25,028,904; wide_resnet18_1_5 26,214,888;
+wide_resnet18_2 46,576,936.
+
+Parameters, no attention, 10 classes, ``stem="cifar"``, ``shortcut="A"`` (HAM's STL-10
+tables): resnet18 11,000,138 (HAM 11.00M); resnet34 21,108,298 (21.11M); resnet50
+20,744,266 (HAM 20.73M); resnet101 39,736,394 (HAM 39.72M); wide_resnet18_2 43,982,218
+(43.98M); resnext50_32x4d 20,215,754 (HAM 21.14M). The Bottleneck rows of HAM's tables do
+not match this setting; see tests/models/test_resnet.py for the rows that do.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..registry import register_model
+from .backbone import Backbone
+from .common import AttentionFactory, attend, check_shortcut, make_shortcut, no_attention
+
+STEMS = ("imagenet", "cifar")
+
+
+def _downsample(shortcut: str, in_channels: int, out_channels: int, stride: int) -> nn.Module | None:
+    """torchvision's ``downsample``: None for an identity shortcut."""
+    module = make_shortcut(shortcut, in_channels, out_channels, stride)
+    return None if isinstance(module, nn.Identity) else module
+
+
+class BasicBlock(nn.Module):
+    """conv3x3-BN-ReLU-conv3x3-BN, attention, + shortcut, ReLU."""
+
+    expansion = 1
+
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        shortcut: str = "B",
+        make_attention: AttentionFactory = no_attention,
+        groups: int = 1,
+        base_width: int = 64,
+    ) -> None:
+        super().__init__()
+        if groups != 1 or base_width != 64:
+            raise ValueError("BasicBlock only supports groups=1 and base_width=64")
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.attention = make_attention(planes, earlier_channels=(planes,))
+        self.downsample = _downsample(shortcut, inplanes, planes, stride)
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        mid = self.relu(self.bn1(self.conv1(x)))
+        out = attend(self.attention, self.bn2(self.conv2(mid)), [mid])
+        return self.relu(out + identity)
+
+
+class Bottleneck(nn.Module):
+    """conv1x1-BN-ReLU-conv3x3(stride, groups)-BN-ReLU-conv1x1-BN, attention, + shortcut, ReLU.
+
+    Inner width ``int(planes * base_width / 64) * groups`` (torchvision's rule: ``planes`` for
+    ResNet-50/101, 128 per 64 planes for ResNeXt-50 32x4d); output ``4 * planes``.
+    """
+
+    expansion = 4
+
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        shortcut: str = "B",
+        make_attention: AttentionFactory = no_attention,
+        groups: int = 1,
+        base_width: int = 64,
+    ) -> None:
+        super().__init__()
+        width = int(planes * (base_width / 64.0)) * groups
+        out_channels = planes * self.expansion
+        self.conv1 = nn.Conv2d(inplanes, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, groups=groups, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, out_channels, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.attention = make_attention(out_channels, earlier_channels=(width, width))
+        self.downsample = _downsample(shortcut, inplanes, out_channels, stride)
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        mid1 = self.relu(self.bn1(self.conv1(x)))
+        mid2 = self.relu(self.bn2(self.conv2(mid1)))
+        out = attend(self.attention, self.bn3(self.conv3(mid2)), [mid1, mid2])
+        return self.relu(out + identity)
+
+
+class ResNet(Backbone):
+    stage_names = ("layer1", "layer2", "layer3", "layer4")
+
+    def __init__(
+        self,
+        name: str,
+        block: type[BasicBlock] | type[Bottleneck],
+        layers: tuple[int, int, int, int],
+        num_classes: int = 1000,
+        attention: str | None = None,
+        attention_kwargs: dict | None = None,
+        placement: str = "block",
+        shortcut: str = "B",
+        stem: str = "imagenet",
+        in_chans: int = 3,
+        widths: tuple[int, int, int, int] = (64, 128, 256, 512),
+        stem_width: int = 64,
+        groups: int = 1,
+        width_per_group: int = 64,
+    ) -> None:
+        super().__init__(name, in_chans, num_classes)
+        if stem not in STEMS:
+            raise ValueError(f"unknown stem {stem!r}; choose one of: {', '.join(STEMS)}")
+        self.shortcut = check_shortcut(shortcut)
+        self.stem = stem
+        self.block = block
+        self.layers = tuple(layers)
+        self.widths = tuple(widths)
+        self.stem_width = stem_width
+        self.groups = groups
+        self.width_per_group = width_per_group
+        make_attention = self.block_attention(attention, attention_kwargs, placement)
+        if stem == "imagenet":
+            self.conv1 = nn.Conv2d(in_chans, stem_width, 7, 2, 3, bias=False)
+            self.maxpool: nn.Module = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        else:
+            self.conv1 = nn.Conv2d(in_chans, stem_width, 3, 1, 1, bias=False)
+            self.maxpool = nn.Identity()
+        self.bn1 = nn.BatchNorm2d(stem_width)
+        self.relu = nn.ReLU(inplace=True)
+        self.layer1, self.layer2, self.layer3, self.layer4 = (
+            self._make_stage(i, 1 if i == 0 else 2, make_attention) for i in range(4)
+        )
+        self.stage_channels = [w * block.expansion for w in self.widths]
+        self.place_attention()
+        self.num_features = self.stage_channels[-1]
+        self.fc = nn.Linear(self.num_features, num_classes)
+        self._init_weights()
+
+    def _stage_in_channels(self, index: int) -> int:
+        return self.stem_width if index == 0 else self.widths[index - 1] * self.block.expansion
+
+    def _make_stage(
+        self, index: int, stride: int, make_attention: AttentionFactory
+    ) -> nn.Sequential:
+        in_channels = self._stage_in_channels(index)
+        planes = self.widths[index]
+        blocks = []
+        for j in range(self.layers[index]):
+            blocks.append(
+                self.block(
+                    in_channels,
+                    planes,
+                    stride if j == 0 else 1,
+                    self.shortcut,
+                    make_attention,
+                    self.groups,
+                    self.width_per_group,
+                )
+            )
+            in_channels = planes * self.block.expansion
+        return nn.Sequential(*blocks)
+
+    def make_stage(self, index: int, stride: int) -> nn.Sequential:
+        stage = self._make_stage(index, stride, no_attention)
+        self._init_weights(stage)
+        return stage
+
+    def _stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.maxpool(self.relu(self.bn1(self.conv1(x))))
+
+    def _init_weights(self, root: nn.Module | None = None) -> None:
+        # torchvision's init; one-channel layers inside attention modules keep their own.
+        for m in (root or self).modules():
+            if isinstance(m, nn.Conv2d) and m.out_channels > 1:
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d) and m.num_features > 1:
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+
+def _register(name: str, doc: str, block: type, layers: tuple, **arch) -> None:
+    @register_model(name)
+    def build(
+        num_classes: int = 1000,
+        attention: str | None = None,
+        attention_kwargs: dict | None = None,
+        placement: str = "block",
+        shortcut: str = "B",
+        stem: str = "imagenet",
+        in_chans: int = 3,
+    ) -> ResNet:
+        return ResNet(
+            name,
+            block,
+            layers,
+            num_classes=num_classes,
+            attention=attention,
+            attention_kwargs=attention_kwargs,
+            placement=placement,
+            shortcut=shortcut,
+            stem=stem,
+            in_chans=in_chans,
+            **arch,
+        )
+
+    build.__name__ = name
+    build.__doc__ = doc
+
+
+def _widened(factor: float) -> dict:
+    return {
+        "widths": tuple(int(w * factor) for w in (64, 128, 256, 512)),
+        "stem_width": int(64 * factor),
+    }
+
+
+_register("resnet18", "ResNet-18 (BasicBlock, 2-2-2-2).", BasicBlock, (2, 2, 2, 2))
+_register("resnet34", "ResNet-34 (BasicBlock, 3-4-6-3).", BasicBlock, (3, 4, 6, 3))
+_register("resnet50", "ResNet-50 (Bottleneck, 3-4-6-3).", Bottleneck, (3, 4, 6, 3))
+_register("resnet101", "ResNet-101 (Bottleneck, 3-4-23-3).", Bottleneck, (3, 4, 23, 3))
+_register(
+    "wide_resnet18_1_5",
+    "ResNet-18 with every width x1.5 (stem 96, stages 96-192-384-768).",
+    BasicBlock,
+    (2, 2, 2, 2),
+    **_widened(1.5),
+)
+_register(
+    "wide_resnet18_2",
+    "ResNet-18 with every width x2 (stem 128, stages 128-256-512-1024).",
+    BasicBlock,
+    (2, 2, 2, 2),
+    **_widened(2),
+)
+_register(
+    "resnext50_32x4d",
+    "ResNeXt-50 32x4d (Bottleneck, 3-4-6-3, 32 groups of width 4 in layer1).",
+    Bottleneck,
+    (3, 4, 6, 3),
+    groups=32,
+    width_per_group=4,
+)

@@ -1,0 +1,109 @@
+"""attnzoo.measure.profile and `attnzoo profile`: the counts against hand computation and the
+structure of the output (never the timings themselves)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from attnzoo.cli import main
+from attnzoo.measure import ModelSpec, count_flops, count_params, format_profile, profile
+
+
+def test_flops_of_a_conv_and_a_linear_by_hand():
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.Flatten(), nn.Linear(8 * 5 * 5, 4)
+    )
+    x = torch.randn(1, 3, 5, 5)
+    conv_macs = 8 * 5 * 5 * 3 * 3 * 3
+    linear_macs = 8 * 5 * 5 * 4
+    assert count_flops(model, x) == 2 * (conv_macs + linear_macs)
+    # Training on 2 images: forward; backward = weight grads of both layers + the input grad
+    # of the linear layer (the conv's input needs no gradient).
+    train = count_flops(model, torch.cat([x, x]), train=True)
+    assert train == 2 * 2 * (conv_macs + linear_macs) + 2 * 2 * (conv_macs + 2 * linear_macs)
+
+
+def test_resnet20_macs_match_the_layer_sum():
+    """Every conv and the classifier of resnet20, summed from the architecture by hand."""
+    macs = 3 * 16 * 9 * 32 * 32  # stem
+    for c_in, c, hw in ((16, 16, 32), (16, 32, 16), (32, 64, 8)):
+        macs += c_in * c * 9 * hw * hw + c * c * 9 * hw * hw  # first block of the stage
+        macs += 2 * (2 * c * c * 9 * hw * hw)  # two more blocks
+    macs += 64 * 10
+    result = profile(ModelSpec("resnet20"), timing=False, memory=False)
+    assert result["rows"][0]["macs"] == macs
+    assert result["rows"][0]["params"] == 269_722
+
+
+def test_profile_rows_and_ratios():
+    result = profile(
+        ModelSpec("resnet20", "se"),
+        input_size=16,
+        batch_size=4,
+        repeats=1,
+        timing=True,
+        memory=False,
+    )
+    none, se = result["rows"]
+    assert (none["attention"], se["attention"]) == ("none", "se")
+    assert se["params"] - none["params"] == 2_373
+    assert se["macs"] > none["macs"] and se["train_flops"] > 2 * se["macs"]
+    assert set(result["ratios"]) == {"params", "macs", "train_ms", "infer_ms"}
+    assert result["ratios"]["params"] == pytest.approx(se["params"] / none["params"])
+    assert se["train_ms"] > 0 and se["infer_ms"] > 0
+    text = format_profile(result)
+    assert "MACs (fwd, 1 img)" in text and "FLOPs = 2 x MACs" in text
+    assert text.count("\n| ") == 4  # header, separator and two rows
+
+
+def test_peak_memory_is_measured_in_a_fresh_process():
+    result = profile(ModelSpec("resnet20"), input_size=16, batch_size=8, timing=False)
+    assert result["rows"][0]["peak_train_mib"] >= 0
+
+
+def test_model_level_attention_profiles():
+    result = profile(ModelSpec("resnet20", "abn"), timing=False, memory=False)
+    assert result["rows"][1]["params"] == count_params(ModelSpec("resnet20", "abn").build())
+
+
+def test_cli_json(capsys):
+    code = main(
+        [
+            "profile",
+            "--model",
+            "resnet20",
+            "--attention",
+            "eca",
+            "--no-timing",
+            "--no-memory",
+            "--json",
+            "--input-size",
+            "16",
+        ]
+    )
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert [r["attention"] for r in result["rows"]] == ["none", "eca"]
+    assert result["settings"]["input_size"] == 16
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--model", "resnet21"], "unknown model 'resnet21'"),
+        (["--model", "resnet20", "--attention", "hamm"], "unknown attention 'hamm'"),
+        (
+            ["--model", "resnet20", "--attention", "se", "--attention-kwargs", "{x: 1}"],
+            "unknown option",
+        ),
+        (["--model", "resnet20", "--batch-size", "0"], "must be positive"),
+    ],
+)
+def test_cli_errors(argv, message, capsys):
+    assert main(["profile", "--no-timing", "--no-memory", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
