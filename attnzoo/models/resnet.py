@@ -30,24 +30,27 @@ relu(bn2) in a Bottleneck. ``make_stage`` builds a fresh stage, so model-level a
 
 Widening (our reading of "WideResNet-18 (widen=1.5)" in seed 000 Table II and
 "WideResNet18-2" in HAM Table 5): every width of ResNet-18 is multiplied by the factor, the
-stem's 64 channels included, so ``wide_resnet18_2`` has widths 128, 256, 512, 1024 after a
-128-channel stem (Zagoruyko and Komodakis widen every layer of a BasicBlock network).
-torchvision's ``wide_resnet50_2`` differs: it widens only the inner 3x3 width of a
-Bottleneck. HAM's 43.98M fixes the stem: with a widened stem, ``stem="cifar"``,
-``shortcut="A"`` and 10 classes the model has 43,982,218 parameters (43.98M); a 64-channel
-stem would need a 64 -> 128 shortcut in layer1 and gives 43,976,778 (option A) or
-43,985,738 (option B).
+stem's 64 channels included, so ``wide_resnet18_2`` has a 128-channel stem and stages of
+128, 256, 512 and 1024 channels (Zagoruyko and Komodakis widen every layer of a BasicBlock
+network). torchvision's ``wide_resnet50_2`` differs: it widens only the inner 3x3 width of
+a Bottleneck. HAM's 43.98M (10 classes) does not pin the stem down exactly: with the widened
+stem, ``stem="cifar"`` and ``shortcut="A"`` give 43,971,210 (43.97M; its "+SE" row, 44.32M,
+matches), ``stem="imagenet"`` 43,986,570 (43.99M); a 64-channel stem is further off
+(43,895,626 with option A, 44,595,786 with B).
 
-Parameters, no attention, 1000 classes (torchvision's defaults, ``stem="imagenet"``,
+Parameters, no attention, 1000 classes (torchvision's setting, ``stem="imagenet"``,
 ``shortcut="B"``): resnet18 11,689,512; resnet34 21,797,672; resnet50 25,557,032;
-resnet101 44,549,160; resnext50_32x4d 25,028,904; wide_resnet18_1_5 26,214,888;
-wide_resnet18_2 46,576,936.
+resnet101 44,549,160; resnext50_32x4d 25,028,904; wide_resnet18_1_5 25,901,896;
+wide_resnet18_2 45,693,032.
 
-Parameters, no attention, 10 classes, ``stem="cifar"``, ``shortcut="A"`` (HAM's STL-10
-tables): resnet18 11,000,138 (HAM 11.00M); resnet34 21,108,298 (21.11M); resnet50
-20,744,266 (HAM 20.73M); resnet101 39,736,394 (HAM 39.72M); wide_resnet18_2 43,982,218
-(43.98M); resnext50_32x4d 20,215,754 (HAM 21.14M). The Bottleneck rows of HAM's tables do
-not match this setting; see tests/models/test_resnet.py for the rows that do.
+Parameters, no attention, 10 classes, ``stem="cifar"``, ``shortcut="A"`` (the setting of
+HAM's STL-10 Tables 5-6): resnet18 11,000,138 (HAM: 11.00M); resnet34 21,108,298 (21.11M);
+resnet50 20,744,266 (20.73M); resnet101 39,736,394 (39.72M); wide_resnet18_2 43,971,210
+(43.98M); resnext50_32x4d 20,216,138 (21.14M). ResNet-18 and -34 match (to HAM's 0.01M);
+the other rows match no stem/shortcut setting. GAM's tables use torchvision's
+setting for ImageNet and ``stem="cifar"``, ``shortcut="B"`` with 100 classes for CIFAR-100
+(ResNet-50: 23,705,252, GAM: 23.71M). tests/models/test_resnet.py checks every table row
+that matches.
 """
 
 from __future__ import annotations
@@ -62,7 +65,9 @@ from .common import AttentionFactory, attend, check_shortcut, make_shortcut, no_
 STEMS = ("imagenet", "cifar")
 
 
-def _downsample(shortcut: str, in_channels: int, out_channels: int, stride: int) -> nn.Module | None:
+def _downsample(
+    shortcut: str, in_channels: int, out_channels: int, stride: int
+) -> nn.Module | None:
     """torchvision's ``downsample``: None for an identity shortcut."""
     module = make_shortcut(shortcut, in_channels, out_channels, stride)
     return None if isinstance(module, nn.Identity) else module
