@@ -46,11 +46,15 @@ wide_resnet18_2 45,693,032.
 Parameters, no attention, 10 classes, ``stem="cifar"``, ``shortcut="A"`` (the setting of
 HAM's STL-10 Tables 5-6): resnet18 11,000,138 (HAM: 11.00M); resnet34 21,108,298 (21.11M);
 resnet50 20,744,266 (20.73M); resnet101 39,736,394 (39.72M); wide_resnet18_2 43,971,210
-(43.98M); resnext50_32x4d 20,216,138 (21.14M). ResNet-18 and -34 match (to HAM's 0.01M);
-the other rows match no stem/shortcut setting. GAM's tables use torchvision's
+(43.98M); resnext50_32x4d 20,216,138 (21.14M). ResNet-18 and -34 match when rounded to
+0.01M (not truncated: ResNet-34 would give 21.10M), and HAM's "Memory(M)" column, which is
+parameters x 4 bytes in MiB, confirms this setting (ResNet-18: 41.96; a 7x7 stem gives
+41.99). The other rows match no stem/shortcut setting. GAM's tables use torchvision's
 setting for ImageNet and ``stem="cifar"``, ``shortcut="B"`` with 100 classes for CIFAR-100
-(ResNet-50: 23,705,252, GAM: 23.71M). tests/models/test_resnet.py checks every table row
-that matches.
+(ResNet-50: 23,705,252, GAM: 23.71M). In GAM's tables the ABN rows match with
+``map_kernel_size=3`` (21.61M, 43.58M) and the SE rows only with bias-free FC layers, which
+``se`` does not offer (ours: 11.78M, 28.09M, 26.24M; GAM: 11.78M, 28.07M, 26.22M).
+tests/models/test_resnet.py checks every table row that matches.
 """
 
 from __future__ import annotations
