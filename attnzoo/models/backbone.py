@@ -86,6 +86,25 @@ class Backbone(nn.Module):
         else:
             self.final_attention = make(self.stage_channels[-1])
 
+    def init_weights(self, root: nn.Module | None = None, linear_std: float | None = None) -> None:
+        """He (fan-out) init for convs, BN to identity, zero biases, and linear weights from
+        N(0, linear_std) when given (else PyTorch's default). Attention modules keep their
+        own initialisation (a zero-initialised gate must stay zero)."""
+        for name, m in (root or self).named_modules():
+            if any(part.endswith("attention") for part in name.split(".")):
+                continue
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                if linear_std is not None:
+                    nn.init.normal_(m.weight, 0.0, linear_std)
+                nn.init.zeros_(m.bias)
+
     # --- forward pieces ------------------------------------------------------------------
 
     def _stem(self, x: torch.Tensor) -> torch.Tensor:

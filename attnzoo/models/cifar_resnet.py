@@ -83,7 +83,7 @@ class CifarResNet(Backbone):
         self.place_attention()
         self.fc = nn.Linear(widths[-1], num_classes)
         self.num_features = widths[-1]
-        self._init_weights()
+        self.init_weights()
 
     def _make_stage(
         self, index: int, stride: int, make_attention: AttentionFactory
@@ -102,19 +102,11 @@ class CifarResNet(Backbone):
 
     def make_stage(self, index: int, stride: int) -> nn.Sequential:
         stage = self._make_stage(index, stride, no_attention)
-        self._init_weights(stage)
+        self.init_weights(stage)
         return stage
 
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
         return self.relu(self.bn1(self.conv1(x)))
-
-    def _init_weights(self, root: nn.Module | None = None) -> None:
-        for m in (root or self).modules():
-            if isinstance(m, nn.Conv2d) and m.out_channels > 1:
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d) and m.num_features > 1:
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
 
 
 def _register(depth: int) -> None:

@@ -35,8 +35,8 @@ Bridge (block-level) attention is refused: a dense block has no residual branch 
 intermediate outputs a bridge could bring back, since every layer's output is already
 part of the block output the module sees.
 
-Parameters with 10 classes, no attention: 769,162; the paper's Table 2 rounds it to 0.8M
-(other ports quote 0.77M, the same model). A dense layer reading C channels has
+Parameters with 10 classes, no attention: 769,162; the paper's Table 2 rounds it to 0.8M.
+A dense layer reading C channels has
 50 C + 5,280 (BN 2C, 1x1 conv 48C, BN 96, 3x3 conv 48 x 12 x 9 = 5,184). Breakdown: stem
 conv 648; dense blocks 175,680 + 242,880 + 276,480; transitions 23,760 + 45,600 (BN 2C +
 conv C x C/2); final BN 684; classifier 342 x 10 + 10 = 3,430. SE (r = 16, floor rule)
@@ -168,7 +168,7 @@ class DenseNetBC(Backbone):
         self.place_attention()
         self.fc = nn.Linear(self.block_out[-1], num_classes)
         self.num_features = self.block_out[-1]
-        self._init_weights()
+        self.init_weights()
 
     def _make_stage(
         self, index: int, stride: int, make_attention: AttentionFactory
@@ -194,7 +194,7 @@ class DenseNetBC(Backbone):
             valid = "1" if index == 0 else "1 or 2"
             raise ValueError(f"stage {index + 1} of {self.name} takes stride {valid}, got {stride}")
         stage = self._make_stage(index, stride, no_attention)
-        self._init_weights(stage)
+        self.init_weights(stage)
         return stage
 
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
@@ -207,20 +207,6 @@ class DenseNetBC(Backbone):
             return super().forward_stage(index, x)
         x = self.relu(self.bn(self.stage3(x)))
         return x if self.final_attention is None else self.final_attention(x)
-
-    def _init_weights(self, root: nn.Module | None = None) -> None:
-        """He init (fan-out, as the authors' code) for convs, BN to identity, zero
-        classifier bias. Attention modules keep their own initialisation."""
-        for name, m in (root or self).named_modules():
-            if any(part.endswith("attention") for part in name.split(".")):
-                continue
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
 
 
 @register_model("densenet_bc_100_12")

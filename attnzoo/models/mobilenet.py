@@ -198,7 +198,7 @@ class MobileNetV2(Backbone):
             nn.Dropout(p=dropout), nn.Linear(self.last_channel, num_classes)
         )
         self.num_features = self.last_channel
-        self._init_weights()
+        self.init_weights(linear_std=0.01)
 
     def _group_channels(self, group: int) -> int:
         return make_divisible(self.setting[group][1] * self.width_mult)
@@ -234,7 +234,7 @@ class MobileNetV2(Backbone):
         if index == len(STAGE_GROUPS) - 1:
             layers.append(self._last_conv())
         stage = nn.Sequential(*layers)
-        self._init_weights(stage)
+        self.init_weights(stage, linear_std=0.01)
         return stage
 
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
@@ -242,23 +242,6 @@ class MobileNetV2(Backbone):
 
     def get_classifier(self) -> nn.Module:
         return self.classifier
-
-    def _init_weights(self, root: nn.Module | None = None) -> None:
-        """torchvision's init: He (fan-out) convs, BN to identity, N(0, 0.01) classifier.
-        Attention modules keep their own initialisation."""
-        for name, m in (root or self).named_modules():
-            if any(part.endswith("attention") for part in name.split(".")):
-                continue
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
 
 
 @register_model("mobilenet_v2")

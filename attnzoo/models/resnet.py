@@ -199,7 +199,7 @@ class ResNet(Backbone):
         self.place_attention()
         self.num_features = self.stage_channels[-1]
         self.fc = nn.Linear(self.num_features, num_classes)
-        self._init_weights()
+        self.init_weights()
 
     def _stage_in_channels(self, index: int) -> int:
         return self.stem_width if index == 0 else self.widths[index - 1] * self.block.expansion
@@ -227,20 +227,11 @@ class ResNet(Backbone):
 
     def make_stage(self, index: int, stride: int) -> nn.Sequential:
         stage = self._make_stage(index, stride, no_attention)
-        self._init_weights(stage)
+        self.init_weights(stage)
         return stage
 
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
         return self.maxpool(self.relu(self.bn1(self.conv1(x))))
-
-    def _init_weights(self, root: nn.Module | None = None) -> None:
-        # torchvision's init; one-channel layers inside attention modules keep their own.
-        for m in (root or self).modules():
-            if isinstance(m, nn.Conv2d) and m.out_channels > 1:
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d) and m.num_features > 1:
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
 
 
 def _register(name: str, doc: str, block: type, layers: tuple, **arch) -> None:

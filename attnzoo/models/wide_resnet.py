@@ -123,7 +123,7 @@ class WideResNet(Backbone):
         self.place_attention()
         self.fc = nn.Linear(self.widths[-1], num_classes)
         self.num_features = self.widths[-1]
-        self._init_weights()
+        self.init_weights()
 
     def _make_stage(
         self, index: int, stride: int, make_attention: AttentionFactory
@@ -146,7 +146,7 @@ class WideResNet(Backbone):
 
     def make_stage(self, index: int, stride: int) -> nn.Sequential:
         stage = self._make_stage(index, stride, no_attention)
-        self._init_weights(stage)
+        self.init_weights(stage)
         return stage
 
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
@@ -159,20 +159,6 @@ class WideResNet(Backbone):
             return super().forward_stage(index, x)
         x = self.relu(self.bn(self.layer3(x)))
         return x if self.final_attention is None else self.final_attention(x)
-
-    def _init_weights(self, root: nn.Module | None = None) -> None:
-        """He init (fan-out) for convs, BN to identity, zero classifier bias. Attention
-        modules keep their own initialisation."""
-        for name, m in (root or self).named_modules():
-            if any(part.endswith("attention") for part in name.split(".")):
-                continue
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
 
 
 @register_model("wrn16_8")
