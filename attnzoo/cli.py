@@ -1,4 +1,4 @@
-"""Command line: ``attnzoo train | eval | profile | list`` (also ``python -m attnzoo``).
+"""Command line: ``attnzoo train | eval | profile | bench | list`` (also ``python -m attnzoo``).
 
 The CLI only parses arguments and calls library functions. Every user error (unknown
 name, bad option, missing or corrupt file) prints one line and exits with status 2.
@@ -94,6 +94,24 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--no-timing", action="store_true", help="skip the latency measurement")
     pr.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     pr.add_argument("--json", action="store_true", help="print JSON")
+
+    b = sub.add_parser("bench", help="training-step time of a model with each attention")
+    b.add_argument("--model", default="resnet56", help="model name (default resnet56)")
+    b.add_argument("--attentions", nargs="+", default=["none", "se", "eca", "cbam", "ham"])
+    b.add_argument(
+        "--modes",
+        nargs="+",
+        default=["channels_last"],
+        help="eager, channels_last, bf16, compiled (default channels_last)",
+    )
+    b.add_argument("--model-kwargs", help="model options, a JSON/YAML mapping")
+    b.add_argument("--num-classes", type=int, default=10)
+    b.add_argument("--input-size", type=int, default=32)
+    b.add_argument("--batch-size", type=int, default=128)
+    b.add_argument("--repeats", type=int, default=10)
+    b.add_argument("--warmup", type=int, default=2)
+    b.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    b.add_argument("--json", action="store_true", help="print JSON")
 
     ls = sub.add_parser("list", help="list models, attentions, datasets and recipes")
     ls.add_argument("what", nargs="?", choices=["models", "attentions", "datasets", "recipes"])
@@ -191,6 +209,36 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from .measure.bench import bench, check_modes, format_bench
+    from .registry import check_attention, list_models
+
+    if args.model not in list_models():
+        raise ValueError(f"unknown model {args.model!r}; choose one of: {', '.join(list_models())}")
+    for name in args.attentions:
+        check_attention(None if name == "none" else name)
+    check_modes(args.modes)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    result = bench(
+        args.model,
+        args.attentions,
+        args.modes,
+        batch_size=args.batch_size,
+        input_size=args.input_size,
+        num_classes=args.num_classes,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        model_kwargs=parse_mapping("--model-kwargs", args.model_kwargs),
+    )
+    print(json.dumps(result, indent=2) if args.json else format_bench(result))
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from . import list_attentions, list_models
     from .data import list_datasets
@@ -219,7 +267,13 @@ def main(argv: list[str] | None = None) -> int:
     from .train import RunError
 
     try:
-        commands = {"train": cmd_train, "eval": cmd_eval, "profile": cmd_profile, "list": cmd_list}
+        commands = {
+            "train": cmd_train,
+            "eval": cmd_eval,
+            "profile": cmd_profile,
+            "bench": cmd_bench,
+            "list": cmd_list,
+        }
         return commands[args.command](args)
     except (ValueError, TypeError, DataError, RunError, FileNotFoundError, PermissionError) as e:
         print(f"attnzoo: error: {e}", file=sys.stderr)

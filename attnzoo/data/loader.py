@@ -5,11 +5,22 @@ does the random crop (zero padding ``pad`` pixels on each side) and the horizont
 together, then converted to float and normalised with one fused multiply-add. Shuffling
 and augmentation draw from one seeded ``torch.Generator``, whose state is saved with
 checkpoints so that a resumed run sees the same batches.
+
+Exact resume inside an epoch: ``state_dict()`` holds the generator, the epoch's order and
+how many batches were handed out, so ``load_state_dict()`` continues with the next batch
+exactly as the uninterrupted run would (same samples, same crops and flips).
+
+Data-parallel sharding (``rank``, ``world_size``): every process holds the whole split and
+the same generator, so every process draws the same order and the same augmentation for the
+whole global batch of ``batch_size``; each then keeps its contiguous slice. The generators
+stay in lockstep, every sample is seen once per epoch by exactly one process, and the
+samples and their augmentation are those of a single-process run with the same seed.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,9 +41,13 @@ class InMemoryLoader:
         seed: int = 0,
         drop_last: bool | None = None,
         channels_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size), got {rank} of {world_size}")
         self.images = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
         self.labels = torch.from_numpy(np.asarray(labels, dtype=np.int64))
         self.batch_size = batch_size
@@ -49,6 +64,13 @@ class InMemoryLoader:
         self.scale = (1.0 / (255.0 * std_t)).view(1, 3, 1, 1)
         self.shift = (-torch.tensor(mean, dtype=torch.float32) / std_t).view(1, 3, 1, 1)
         self.generator = torch.Generator().manual_seed(seed)
+        self.rank, self.world_size = rank, world_size
+        # Within-epoch position: the current epoch's order and the batches handed out so far
+        # (order is None between epochs); ``_resume_at`` is a loaded state that the next
+        # ``iter()`` continues instead of starting a new epoch.
+        self._order: torch.Tensor | None = None
+        self._position = 0
+        self._resume_at: tuple[torch.Tensor, int] | None = None
 
     def __len__(self) -> int:
         n = len(self.labels)
@@ -58,32 +80,100 @@ class InMemoryLoader:
     def num_samples(self) -> int:
         return len(self.labels)
 
-    def _augment(self, batch: torch.Tensor) -> torch.Tensor:
-        n, _, h, w = batch.shape
+    def _draw_augmentation(self, n: int) -> tuple[torch.Tensor, ...] | None:
+        """Crop offsets (dy, dx) and flip flags for ``n`` images, or None without augmentation."""
         p = self.pad
         if p == 0 and not self.flip:
-            return batch
-        if p:
-            batch = F.pad(batch, (p, p, p, p))
+            return None
         g = self.generator
         dy = torch.randint(0, 2 * p + 1, (n, 1), generator=g)
         dx = torch.randint(0, 2 * p + 1, (n, 1), generator=g)
+        flipped = torch.rand(n, 1, generator=g) < 0.5 if self.flip else None
+        return dy, dx, flipped
+
+    def _augment(self, batch: torch.Tensor, draws: tuple[torch.Tensor, ...] | None) -> torch.Tensor:
+        """Crop and flip ``batch`` with one gather per axis, as ``draws`` say."""
+        if draws is None:
+            return batch
+        dy, dx, flipped = draws
+        n, _, h, w = batch.shape
+        p = self.pad
+        if p:
+            batch = F.pad(batch, (p, p, p, p))
         cols = torch.arange(w).expand(n, w)
-        if self.flip:
-            flipped = torch.rand(n, 1, generator=g) < 0.5
+        if flipped is not None:
             cols = torch.where(flipped, w - 1 - cols, cols)
         rows = (dy + torch.arange(h)).view(n, 1, h, 1).expand(n, 3, h, w + 2 * p)
         batch = batch.gather(2, rows)
         return batch.gather(3, (dx + cols).view(n, 1, 1, w).expand(n, 3, h, w))
 
+    def _shard(self, m: int) -> slice:
+        """This process's contiguous part of a global batch of ``m`` images."""
+        return slice(self.rank * m // self.world_size, (self.rank + 1) * m // self.world_size)
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One epoch of batches; after ``load_state_dict`` of a mid-epoch state, its rest.
+
+        The position is advanced before each batch is handed out, so a state taken after a
+        training step includes that step's batch.
+        """
         n = len(self.labels)
-        order = torch.randperm(n, generator=self.generator) if self.train else torch.arange(n)
-        for i in range(len(self)):
+        if self._resume_at is not None:
+            (order, self._position), self._resume_at = self._resume_at, None
+        else:
+            order = torch.randperm(n, generator=self.generator) if self.train else torch.arange(n)
+            self._position = 0
+        self._order = order
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        for i in range(self._position, len(self)):
             idx = order[i * self.batch_size : (i + 1) * self.batch_size]
-            x = self._augment(self.images[idx])
-            memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+            draws = self._draw_augmentation(len(idx))
+            if self.world_size > 1:
+                part = self._shard(len(idx))
+                idx = idx[part]
+                draws = None if draws is None else tuple(d if d is None else d[part] for d in draws)
+            x = self._augment(self.images[idx], draws)
             x = torch.addcmul(self.shift, x.float(), self.scale).contiguous(
                 memory_format=memory_format
             )
+            self._position = i + 1
+            if self._position == len(self):
+                self._order, self._position = None, 0  # epoch done: the next one reshuffles
             yield x, self.labels[idx]
+
+    # ------------------------------------------------------------ resume
+    def state_dict(self) -> dict[str, Any]:
+        """Generator state and position in the epoch; tensors and ints only (weights-only safe)."""
+        if self._resume_at is not None:  # loaded but not iterated yet
+            order, position = self._resume_at
+        elif self._order is not None and self._position > 0:
+            order, position = self._order, self._position
+        else:
+            order, position = None, 0
+        return {
+            "generator": self.generator.get_state(),
+            "order": None if order is None else order.clone(),
+            "position": position,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state_dict()``; a state that cannot belong to this data is refused."""
+        order, position = state["order"], int(state["position"])
+        if order is None:
+            if position != 0:
+                raise ValueError(f"loader position {position} without an epoch order")
+        else:
+            n = len(self.labels)
+            if (
+                not isinstance(order, torch.Tensor)
+                or order.dtype != torch.int64
+                or order.shape != (n,)
+                or not torch.equal(order.sort().values, torch.arange(n))
+            ):
+                raise ValueError(f"the saved epoch order is not a permutation of {n} samples")
+            if not 0 < position < len(self):
+                raise ValueError(f"loader position {position} is outside 1..{len(self) - 1}")
+            order = order.clone()
+        self.generator.set_state(state["generator"])
+        self._order, self._position = None, 0
+        self._resume_at = None if order is None else (order, position)
