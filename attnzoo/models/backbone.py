@@ -122,8 +122,14 @@ class Backbone(nn.Module):
         x = getattr(self, self.stage_names[index])(x)
         if self.stage_attention is not None and index < len(self.stage_attention):
             x = self.stage_attention[index](x)
-        if self.final_attention is not None and index == len(self.stage_names) - 1:
-            x = self.final_attention(x)
+        if index == len(self.stage_names) - 1:
+            x = self._after_stages(x)
+            if self.final_attention is not None:
+                x = self.final_attention(x)
+        return x
+
+    def _after_stages(self, x: torch.Tensor) -> torch.Tensor:
+        """What follows the last stage before pooling (pre-activation nets: BN-ReLU)."""
         return x
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -142,7 +148,13 @@ class Backbone(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
+    def _make_stage(self, index: int, stride: int, make_attention: AttentionFactory) -> nn.Module:
+        raise NotImplementedError(f"{self.name} cannot build a copy of one of its stages")
+
     def make_stage(self, index: int, stride: int) -> nn.Module:
         """A fresh stage built like stage ``index`` but with the given first stride and no
-        attention (ABN's attention branch copies the last stage at stride 1)."""
-        raise NotImplementedError(f"{self.name} cannot build a copy of one of its stages")
+        attention, initialised like the backbone (ABN's attention branch copies the last
+        stage at stride 1). Subclasses provide ``_make_stage(index, stride, factory)``."""
+        stage = self._make_stage(index, stride, no_attention)
+        self.init_weights(stage)
+        return stage

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..registry import register_model
 from .backbone import Backbone
-from .common import AttentionFactory, attend, make_shortcut, no_attention
+from .common import AttentionFactory, attend, make_shortcut
 
 
 class BasicBlock(nn.Module):
@@ -99,11 +99,6 @@ class CifarResNet(Backbone):
             )
             in_channels = width
         return nn.Sequential(*layers)
-
-    def make_stage(self, index: int, stride: int) -> nn.Sequential:
-        stage = self._make_stage(index, stride, no_attention)
-        self.init_weights(stage)
-        return stage
 
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
         return self.relu(self.bn1(self.conv1(x)))

@@ -52,7 +52,7 @@ from torch import nn
 
 from ..registry import attention_level, register_model
 from .backbone import Backbone
-from .common import AttentionFactory, no_attention
+from .common import AttentionFactory
 
 
 class DenseLayer(nn.Module):
@@ -193,20 +193,14 @@ class DenseNetBC(Backbone):
         if stride not in (1, 2) or (index == 0 and stride != 1):
             valid = "1" if index == 0 else "1 or 2"
             raise ValueError(f"stage {index + 1} of {self.name} takes stride {valid}, got {stride}")
-        stage = self._make_stage(index, stride, no_attention)
-        self.init_weights(stage)
-        return stage
+        return super().make_stage(index, stride)
 
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv1(x)
 
-    def forward_stage(self, index: int, x: torch.Tensor) -> torch.Tensor:
-        """As ``Backbone.forward_stage``; the last stage ends with the final BN-ReLU,
-        which comes before a ``"final"`` attention."""
-        if index < len(self.stage_names) - 1:
-            return super().forward_stage(index, x)
-        x = self.relu(self.bn(self.stage3(x)))
-        return x if self.final_attention is None else self.final_attention(x)
+    def _after_stages(self, x: torch.Tensor) -> torch.Tensor:
+        """The final BN-ReLU of the pre-activation net; a ``"final"`` attention follows it."""
+        return self.relu(self.bn(x))
 
 
 @register_model("densenet_bc_100_12")

@@ -225,11 +225,6 @@ class ResNet(Backbone):
             in_channels = planes * self.block.expansion
         return nn.Sequential(*blocks)
 
-    def make_stage(self, index: int, stride: int) -> nn.Sequential:
-        stage = self._make_stage(index, stride, no_attention)
-        self.init_weights(stage)
-        return stage
-
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
         return self.maxpool(self.relu(self.bn1(self.conv1(x))))
 

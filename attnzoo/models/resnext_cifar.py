@@ -35,7 +35,7 @@ from torch import nn
 
 from ..registry import register_model
 from .backbone import Backbone
-from .common import AttentionFactory, attend, check_shortcut, make_shortcut, no_attention
+from .common import AttentionFactory, attend, check_shortcut, make_shortcut
 
 
 class ResNeXtBottleneck(nn.Module):
@@ -127,11 +127,6 @@ class CifarResNeXt(Backbone):
             )
             in_channels = out_channels
         return nn.Sequential(*layers)
-
-    def make_stage(self, index: int, stride: int) -> nn.Sequential:
-        stage = self._make_stage(index, stride, no_attention)
-        self.init_weights(stage)
-        return stage
 
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
         return self.relu(self.bn1(self.conv1(x)))

@@ -45,7 +45,7 @@ from torch import nn
 
 from ..registry import register_model
 from .backbone import Backbone
-from .common import AttentionFactory, PadShortcut, attend, check_shortcut, no_attention
+from .common import AttentionFactory, PadShortcut, attend, check_shortcut
 
 
 class PreActBlock(nn.Module):
@@ -144,21 +144,12 @@ class WideResNet(Backbone):
             in_channels = width
         return nn.Sequential(*layers)
 
-    def make_stage(self, index: int, stride: int) -> nn.Sequential:
-        stage = self._make_stage(index, stride, no_attention)
-        self.init_weights(stage)
-        return stage
-
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv1(x)
 
-    def forward_stage(self, index: int, x: torch.Tensor) -> torch.Tensor:
-        """As ``Backbone.forward_stage``; the last stage ends with the final BN-ReLU,
-        which comes before a ``"final"`` attention."""
-        if index < len(self.stage_names) - 1:
-            return super().forward_stage(index, x)
-        x = self.relu(self.bn(self.layer3(x)))
-        return x if self.final_attention is None else self.final_attention(x)
+    def _after_stages(self, x: torch.Tensor) -> torch.Tensor:
+        """The final BN-ReLU of the pre-activation net; a ``"final"`` attention follows it."""
+        return self.relu(self.bn(x))
 
 
 @register_model("wrn16_8")

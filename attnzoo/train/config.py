@@ -16,6 +16,7 @@ from ..utils.io import read_yaml_mapping
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
 SCHEDULES = ("multistep", "cosine", "constant")
+MAX_THREADS = 1024
 
 
 @dataclass
@@ -42,11 +43,28 @@ class TrainConfig:
     threads: int | None = None
     train_subset: int | None = None  # first N training images only (smoke runs)
     progress: bool | None = None  # tqdm bar; None = only on a terminal
+    # Also save checkpoint.pt every N optimizer steps (resume continues inside the epoch);
+    # None: at the end of every epoch only.
+    checkpoint_every_steps: int | None = None
+    # Data-parallel runs: batch-norm statistics over the global batch instead of each
+    # process's share (no effect on one process).
+    sync_bn: bool = False
 
     def validate(self) -> TrainConfig:
         from ..data.datasets import check_dataset
         from ..registry import check_attention, list_models
 
+        for name in ("model", "dataset", "recipe", "schedule"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a string, got {getattr(self, name)!r}")
+        for name in ("attention", "data_dir"):
+            if not isinstance(getattr(self, name), (str, type(None))):
+                raise ValueError(f"{name} must be a string or null, got {getattr(self, name)!r}")
+        for name in ("nesterov", "channels_last", "sync_bn"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if not isinstance(self.progress, (bool, type(None))):
+            raise ValueError(f"progress must be true, false or null, got {self.progress!r}")
         if self.model not in list_models():
             raise ValueError(
                 f"unknown model {self.model!r}; choose one of: {', '.join(list_models())}"
@@ -87,8 +105,14 @@ class TrainConfig:
             _positive_int("train_subset", self.train_subset)
         if self.threads is not None:
             _positive_int("threads", self.threads)
+            if self.threads > MAX_THREADS:  # more would only exhaust the machine's threads
+                raise ValueError(f"threads must be <= {MAX_THREADS}, got {self.threads}")
+        if self.checkpoint_every_steps is not None:
+            _positive_int("checkpoint_every_steps", self.checkpoint_every_steps)
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
+        if not -(2**63) <= self.seed < 2**64:  # what torch.manual_seed accepts
+            raise ValueError(f"seed must be in [-2**63, 2**64), got {self.seed}")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,0 +1,252 @@
+"""Data-parallel training on CPU processes: DistributedDataParallel over gloo.
+
+Start ``attnzoo train`` under ``torchrun --nproc_per_node=K -m attnzoo train ...`` (or
+``attnzoo train --nproc K ...``, which does that for you). Each process then
+
+- reads the whole training split and takes its slice of every global batch: the loader's
+  generator is seeded alike everywhere, so all processes draw the same order and the same
+  crops/flips (see ``attnzoo/data/loader.py``). ``batch_size`` stays the global batch; each
+  process computes ``batch_size / K`` of it;
+- wraps the model in ``DistributedDataParallel`` (gradients averaged across processes), with
+  ``sync_bn: true`` batch-norm statistics over the global batch (``SyncBatchNorm`` below:
+  torch's own only runs on GPUs);
+- sums its training and test statistics with the others (``all_reduce``) so the metrics
+  are those of the whole run;
+- leaves every file to rank 0, which saves the unwrapped model: a checkpoint does not
+  depend on the number of processes, so a run can be resumed with any number of them.
+
+Decisions that must be the same on every process (stop on a signal, a non-finite loss, a
+failed save) are taken together through ``any_of`` so no process is left waiting in a
+collective for one that has gone.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .checkpoint import RunError
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process sits in a data-parallel run (rank 0 of 1 when not distributed)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_world_size: int = 1
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Only the main process writes files and logs."""
+        return self.rank == 0
+
+
+SINGLE = DistContext()
+
+
+def from_env() -> DistContext:
+    """The context torchrun describes in the environment; joins the process group if needed."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world <= 1:
+        return SINGLE
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")  # env:// rendezvous: MASTER_ADDR/PORT, RANK, ...
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)) or world)
+    return DistContext(dist.get_rank(), dist.get_world_size(), local)
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def default_threads(ctx: DistContext) -> int:
+    """Torch threads per process when not configured: the cores shared among local processes."""
+    return max(1, (os.cpu_count() or 1) // ctx.local_world_size)
+
+
+# ---------------------------------------------------------------- collectives
+
+
+def any_of(ctx: DistContext, *flags: bool) -> tuple[bool, ...]:
+    """Each flag, true if it is true on any process (one small all_reduce)."""
+    if not ctx.active:
+        return tuple(bool(f) for f in flags)
+    t = torch.tensor([int(bool(f)) for f in flags], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return tuple(bool(v) for v in t.tolist())
+
+
+def sum_values(ctx: DistContext, values: list[float]) -> list[float]:
+    """Element-wise sum over processes, in float64."""
+    if not ctx.active:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def sum_tensor_(ctx: DistContext, tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` over processes in place."""
+    if ctx.active:
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def on_main(ctx: DistContext, action: Callable[[], Any]) -> None:
+    """Run ``action`` on rank 0 only; if it fails, every process raises (together)."""
+    error: BaseException | None = None
+    if ctx.is_main:
+        if not ctx.active:
+            action()
+            return
+        try:
+            action()
+        except Exception as e:
+            error = e
+    (failed,) = any_of(ctx, error is not None)
+    if error is not None:
+        raise error
+    if failed:
+        raise RunError("process 0 failed (its message says why); stopping")
+
+
+# ---------------------------------------------------------------- the model
+
+
+class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """Batch norm whose training statistics cover the global batch of all processes.
+
+    Same parameters, buffers and state-dict keys as ``BatchNorm1d/2d/3d``, so checkpoints
+    load either way. In training it all-reduces per-channel sums (twice: the mean, then
+    the squared deviations from it, which is as accurate as one-process BN) through the
+    differentiable ``torch.distributed.nn.functional.all_reduce``; in eval mode, or without
+    a process group, it is plain batch norm. The running variance gets the unbiased global
+    variance, as ``nn.BatchNorm``.
+    """
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_available() and dist.is_initialized()):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        self._check_input_dim(x)
+        dims = [0, *range(2, x.dim())]
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        count = torch.tensor([x.numel() // x.shape[1]], dtype=x.dtype)
+        totals = all_reduce(torch.cat([x.sum(dims), count]))
+        n = totals[-1]
+        mean = totals[:-1] / n
+        centered = x - mean.view(shape)
+        var = all_reduce((centered * centered).sum(dims)) / n
+        if self.track_running_stats:
+            self._update_running_stats(mean.detach(), var.detach(), n.detach())
+        y = centered * torch.rsqrt(var + self.eps).view(shape)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y
+
+    @torch.no_grad()
+    def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, n: torch.Tensor):
+        self.num_batches_tracked.add_(1)
+        momentum = self.momentum
+        if momentum is None:  # cumulative moving average, as nn.BatchNorm
+            momentum = 1.0 / float(self.num_batches_tracked)
+        unbiased = var * (n / (n - 1)) if n > 1 else var
+        self.running_mean.lerp_(mean, momentum)
+        self.running_var.lerp_(unbiased, momentum)
+
+
+def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
+    """Replace every batch-norm layer by ``SyncBatchNorm``, sharing its parameters/buffers."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(
+        module, (SyncBatchNorm, nn.SyncBatchNorm)
+    ):
+        sync = SyncBatchNorm(
+            module.num_features, module.eps, module.momentum, module.affine,
+            module.track_running_stats,
+        )  # fmt: skip
+        if module.affine:
+            sync.weight, sync.bias = module.weight, module.bias
+        if module.track_running_stats:
+            sync.running_mean = module.running_mean
+            sync.running_var = module.running_var
+            sync.num_batches_tracked = module.num_batches_tracked
+        sync.train(module.training)
+        return sync
+    for name, child in module.named_children():
+        module.add_module(name, convert_sync_batchnorm(child))
+    return module
+
+
+def wrap(model: nn.Module, ctx: DistContext, sync_bn: bool) -> nn.Module:
+    """The module to train with: ``model`` itself on one process, else DDP around it."""
+    if not ctx.active:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    # With synced BN every process already holds the same running statistics.
+    return DistributedDataParallel(model, broadcast_buffers=not sync_bn)
+
+
+# ---------------------------------------------------------------- launching
+
+
+def launch(nproc: int, argv: list[str]) -> int:
+    """Run ``attnzoo <argv>`` in ``nproc`` processes through torch.distributed.run's launcher.
+
+    Returns the exit status of the run: 0, the first failing process's status (2 for a user
+    error, 130/143 after SIGINT/SIGTERM), or 128 + the signal that stopped the launcher.
+    """
+    import logging
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    # The launcher logs every failure at length; the processes print their own one line.
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=uuid.uuid4().hex,
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",
+        max_restarts=0,
+        monitor_interval=0.1,
+    )
+    try:
+        elastic_launch(config, sys.executable)("-m", "attnzoo", *argv)
+    except ChildFailedError as e:
+        codes = [f.exitcode for _, f in sorted(e.failures.items())]
+        first = e.get_first_failure()[1].exitcode
+        return first if first > 0 else max([c for c in codes if c > 0], default=1)
+    except SignalException as e:
+        return 128 + int(e.sigval)
+    return 0
+
+
+def signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
