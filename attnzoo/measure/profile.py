@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from ..registry import create_model
 from ..train.loss import main_logits, training_loss
@@ -62,10 +62,27 @@ def param_mib(params: int) -> float:
     return params * 4 / 2**20
 
 
+def _cpu_sdpa_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    # flop_counter hands formulas the shapes of tensor arguments.
+    return sdpa_flop_count(query, key, value)
+
+
+def _cpu_sdpa_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+# torch.utils.flop_counter knows the CUDA attention kernels but not the CPU one, which it
+# would count as zero (the O((HW)^2) work of CSM and DANet's position attention).
+_EXTRA_FLOP_FORMULAS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward_flops,
+}
+
+
 def count_flops(model: torch.nn.Module, x: torch.Tensor, train: bool = False) -> int:
     """FLOPs (2 x MACs) of a forward pass, or of forward + backward when ``train``."""
     model.train(train)
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS)
     with counter:
         if train:
             out = model(x)

@@ -285,3 +285,27 @@ def test_resnet20_trains_three_steps(name: str) -> None:
         assert torch.isfinite(loss)
     scales = [p for n, p in model.named_parameters() if n.endswith(("gamma", "beta"))]
     assert len(scales) == 9 and all(p.item() != 0.0 for p in scales)
+
+
+@pytest.mark.parametrize("name", ["danet_pam", "csm"])
+def test_recompute_gives_the_same_outputs_and_gradients(name):
+    """recompute=True (default) trades memory for a second forward of the attention path."""
+    torch.manual_seed(0)
+    module = create_attention(name, 16).train()
+    pam = module if name == "danet_pam" else module.spatial
+    with torch.no_grad():
+        pam.gamma.fill_(0.7)
+    x = torch.randn(2, 16, 6, 5, requires_grad=True)
+    proj = torch.randn(2, 16, 6, 5)
+    results = []
+    for recompute in (True, False):
+        pam.recompute = recompute
+        module.zero_grad()
+        x.grad = None
+        out = module(x)
+        (out * proj).sum().backward()
+        results.append(
+            [out.detach(), x.grad.clone()] + [p.grad.clone() for p in module.parameters()]
+        )
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

@@ -107,3 +107,17 @@ def test_cli_errors(argv, message, capsys):
     assert main(["profile", "--no-timing", "--no-memory", *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_cpu_attention_kernel_is_counted():
+    """flop_counter alone counts the CPU SDPA kernel as zero; ours counts QK^T and PV."""
+
+    class Attend(nn.Module):
+        def forward(self, q):
+            return torch.nn.functional.scaled_dot_product_attention(q, q, q, scale=1.0)
+
+    q = torch.randn(2, 1, 64, 8)
+    assert count_flops(Attend(), q) == 2 * (2 * 2 * 64 * 64 * 8)
+    csm = profile(ModelSpec("resnet20", "csm"), timing=False, memory=False)["rows"]
+    # Stage 1 alone: 3 blocks x 2 products x (32*32)^2 positions x 16 channels.
+    assert csm[1]["macs"] - csm[0]["macs"] > 3 * 2 * 1024**2 * 16
