@@ -1,4 +1,5 @@
-"""Command line: ``attnzoo train | eval | profile | bench | list`` (also ``python -m attnzoo``).
+"""Command line: ``attnzoo train | eval | profile | bench | reproduce | report | list``
+(also ``python -m attnzoo``).
 
 The CLI only parses arguments and calls library functions. Every user error (unknown
 name, bad option, missing or corrupt file) prints one line and exits with status 2.
@@ -22,12 +23,14 @@ def parse_mapping(option: str, text: str | None) -> dict | None:
         return None
     try:
         value = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ValueError(f"{option}: not a JSON/YAML mapping: {text!r}") from e
+    except (yaml.YAMLError, RecursionError) as e:  # RecursionError: absurdly deep nesting
+        shown = text if len(text) <= 80 else text[:77] + "..."
+        raise ValueError(f"{option}: not a JSON/YAML mapping: {shown!r}") from e
     if value is None:
         return {}
     if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-        raise ValueError(f"{option}: expected a mapping like '{{\"reduction\": 8}}', got {text!r}")
+        shown = text if len(text) <= 80 else text[:77] + "..."
+        raise ValueError(f"{option}: expected a mapping like '{{\"reduction\": 8}}', got {shown!r}")
     return value
 
 
@@ -69,9 +72,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="tqdm progress bar (default: only on a terminal)",
     )
     t.add_argument(
+        "--checkpoint-every-steps",
+        type=int,
+        metavar="N",
+        help="also save a checkpoint every N steps (resume continues inside the epoch)",
+    )
+    t.add_argument(
+        "--sync-bn",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="with several processes: batch-norm statistics over the global batch",
+    )
+    t.add_argument(
         "--out", help="run directory (default runs/<model>-<attention>-<dataset>-s<seed>)"
     )
     t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR")
+    t.add_argument(
+        "--nproc",
+        type=int,
+        metavar="K",
+        help="train with K data-parallel processes (relaunches through torch.distributed.run)",
+    )
 
     e = sub.add_parser("eval", help="re-evaluate a run's saved weights on its test set")
     e.add_argument("--run", required=True, help="run directory")
@@ -113,51 +134,161 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     b.add_argument("--json", action="store_true", help="print JSON")
 
+    rp = sub.add_parser(
+        "reproduce", help="train the rows of a paper table, several seeds (restartable)"
+    )
+    rp.add_argument("table", help="table name: a file in attnzoo/experiments/ without .yaml")
+    rp.add_argument(
+        "--rows", nargs="+", metavar="R", help="rows by slug, name or number (default: all)"
+    )
+    rp.add_argument("--epochs", type=int, help="epochs of every run (instead of the recipe's)")
+    rp.add_argument(
+        "--budget", type=float, metavar="F", help="fraction of each recipe's epochs, e.g. 0.05"
+    )
+    rp.add_argument("--seeds", type=int, default=1, metavar="K", help="seeds 0..K-1 (default 1)")
+    rp.add_argument("--dataset", help="run every row on this dataset instead of the row's")
+    rp.add_argument("--data-dir", help="data root (default: $ATTNZOO_DATA or ~/.cache/attnzoo)")
+    rp.add_argument("--out", default="runs/reproduce", help="output root (default runs/reproduce)")
+    rp.add_argument("--train-subset", type=int, metavar="N", help="first N training images only")
+    rp.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+
+    rr = sub.add_parser("report", help="Markdown table and plots of a table's finished runs")
+    rr.add_argument("table", help="table name, as given to `attnzoo reproduce`")
+    rr.add_argument("--out", default="runs/reproduce", help="reproduce's output root")
+    rr.add_argument("--markdown", metavar="FILE", help="default <out>/<table>/report.md")
+
     ls = sub.add_parser("list", help="list models, attentions, datasets and recipes")
     ls.add_argument("what", nargs="?", choices=["models", "attentions", "datasets", "recipes"])
     return parser
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import resolve_config, resume, train
+    from .train import Interrupted, distributed
 
-    if args.resume:
-        allowed = {"command", "resume", "progress"}
-        given = [k for k, v in vars(args).items() if k not in allowed and v is not None]
-        if given:
-            flags = ", ".join("--" + k.replace("_", "-") for k in sorted(given))
-            raise ValueError(f"--resume continues a run as configured; drop {flags}")
-        summary = resume(args.resume)
-    else:
-        cfg = resolve_config(
-            args.recipe or "ham",
-            model=args.model,
-            attention=None if args.attention in (None, "none") else args.attention,
-            attention_kwargs=parse_mapping("--attention-kwargs", args.attention_kwargs),
-            model_kwargs=parse_mapping("--model-kwargs", args.model_kwargs),
-            dataset=args.dataset,
-            data_dir=args.data_dir,
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            weight_decay=args.weight_decay,
-            schedule=args.schedule,
-            seed=args.seed,
-            threads=args.threads,
-            train_subset=args.train_subset,
-            channels_last=args.channels_last,
-            progress=args.progress,
+    if args.nproc is not None:
+        if args.nproc < 1:
+            raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
+        if args.nproc > 1:
+            return launch_train(args)
+    ctx = distributed.from_env()
+    try:
+        summary = run_train(args, ctx)
+    except Interrupted as e:
+        if ctx.is_main:  # every process stops alike; one line is enough
+            print(f"attnzoo: {e}", file=sys.stderr)
+        return e.exit_code
+    except RuntimeError as e:
+        if not ctx.active:
+            raise
+        # A process of a data-parallel run died: the others lose their collective.
+        reason = " ".join(str(e).split())[:300]
+        print(f"attnzoo: error: process {ctx.rank} stopped: {reason}", file=sys.stderr)
+        return 1
+    finally:
+        distributed.shutdown()
+    if ctx.is_main:
+        print(
+            f"done: test error {summary['final_top1_err']:.2f}% (best "
+            f"{summary['best_top1_err']:.2f}% at epoch {summary['best_epoch']}), top-1 accuracy "
+            f"{100 - summary['final_top1_err']:.2f}%, {summary['params']:,} params, "
+            f"{summary['wall_time']:.1f}s"
         )
-        out = args.out or Path("runs") / (
-            f"{cfg.model}-{cfg.attention or 'none'}-{cfg.dataset}-s{cfg.seed}"
-        )
-        summary = train(cfg, out)
-    print(
-        f"done: test error {summary['final_top1_err']:.2f}% (best {summary['best_top1_err']:.2f}% "
-        f"at epoch {summary['best_epoch']}), top-1 accuracy {100 - summary['final_top1_err']:.2f}%, "
-        f"{summary['params']:,} params, {summary['wall_time']:.1f}s"
-    )
     return 0
+
+
+RESUME_OPTIONS = {"command", "resume", "progress", "nproc"}  # all else comes from the run
+
+
+def train_config(args: argparse.Namespace):
+    """The validated TrainConfig and run directory of a fresh ``train`` command line."""
+    from .train import resolve_config
+
+    if args.out is not None and not args.out.strip():
+        raise ValueError("--out is empty; give a run directory")
+    cfg = resolve_config(
+        args.recipe if args.recipe is not None else "ham",
+        model=args.model,
+        attention=None if args.attention in (None, "none") else args.attention,
+        attention_kwargs=parse_mapping("--attention-kwargs", args.attention_kwargs),
+        model_kwargs=parse_mapping("--model-kwargs", args.model_kwargs),
+        dataset=args.dataset,
+        data_dir=args.data_dir,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        schedule=args.schedule,
+        seed=args.seed,
+        threads=args.threads,
+        train_subset=args.train_subset,
+        channels_last=args.channels_last,
+        progress=args.progress,
+        checkpoint_every_steps=args.checkpoint_every_steps,
+        sync_bn=args.sync_bn,
+    )
+    out = args.out or Path("runs") / (
+        f"{cfg.model}-{cfg.attention or 'none'}-{cfg.dataset}-s{cfg.seed}"
+    )
+    return cfg, Path(out)
+
+
+def check_resume_args(args: argparse.Namespace) -> None:
+    if not args.resume.strip():
+        raise ValueError("--resume is empty; give the run directory to continue")
+    given = [k for k, v in vars(args).items() if k not in RESUME_OPTIONS and v is not None]
+    if given:
+        flags = ", ".join("--" + k.replace("_", "-") for k in sorted(given))
+        raise ValueError(f"--resume continues a run as configured; drop {flags}")
+
+
+def run_train(args: argparse.Namespace, ctx):
+    """Train or resume in this process (one rank of a run under torchrun, or the only one)."""
+    from .train import resume, train
+
+    if args.resume is not None:
+        check_resume_args(args)
+        return resume(args.resume, ctx=ctx)
+    cfg, out = train_config(args)
+    return train(cfg, out, ctx=ctx)
+
+
+def launch_train(args: argparse.Namespace) -> int:
+    """``--nproc K``: check the command line here, then run it in K processes."""
+    import os
+
+    from .train import distributed
+    from .train.engine import load_run_config
+
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        raise ValueError("--nproc cannot be used inside a distributed launch (torchrun)")
+    if args.resume is not None:
+        check_resume_args(args)
+        load_run_config(args.resume)
+    else:
+        cfg, out = train_config(args)
+        if cfg.batch_size % args.nproc:
+            raise ValueError(
+                f"batch_size {cfg.batch_size} is the global batch and must divide evenly among "
+                f"{args.nproc} processes"
+            )
+        args.out = str(out)  # the workers must agree on the default directory
+    return distributed.launch(args.nproc, worker_argv(args))
+
+
+def worker_argv(args: argparse.Namespace) -> list[str]:
+    """The ``train`` command line that gave ``args``, without --nproc (what each worker runs)."""
+    train_parser = build_parser()._subparsers._group_actions[0].choices["train"]
+    argv = ["train"]
+    for action in train_parser._actions:
+        value = getattr(args, action.dest, None)
+        if not action.option_strings or action.dest in ("help", "nproc") or value is None:
+            continue
+        flag = action.option_strings[0]
+        if isinstance(action, argparse.BooleanOptionalAction):
+            argv.append(flag if value else "--no-" + flag[2:])
+        else:
+            argv.append(f"{flag}={value}")  # '=' keeps a value that starts with '-' a value
+    return argv
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -239,6 +370,43 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from .experiments.reproduce import reproduce
+    from .train import Interrupted
+
+    try:
+        result = reproduce(
+            args.table,
+            args.rows,
+            epochs=args.epochs,
+            budget=args.budget,
+            seeds=args.seeds,
+            dataset=args.dataset,
+            data_dir=args.data_dir,
+            out=args.out,
+            train_subset=args.train_subset,
+            threads=args.threads,
+        )
+    except Interrupted as e:
+        print(f"attnzoo: {e}; run the same reproduce command again to continue", file=sys.stderr)
+        return e.exit_code
+    c = result["counts"]
+    print(
+        f"done: {c['trained']} trained, {c['resumed']} resumed, {c['finished_before']} finished "
+        f"before; next: attnzoo report {args.table} --out {args.out}"
+    )
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .experiments.report import report
+
+    paths = report(args.table, out=args.out, markdown=args.markdown)
+    print(paths[0].read_text())
+    print(f"wrote {', '.join(str(p) for p in paths)}")
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from . import list_attentions, list_models
     from .data import list_datasets
@@ -273,6 +441,8 @@ def main(argv: list[str] | None = None) -> int:
             "profile": cmd_profile,
             "bench": cmd_bench,
             "list": cmd_list,
+            "reproduce": cmd_reproduce,
+            "report": cmd_report,
         }
         return commands[args.command](args)
     except (ValueError, TypeError, DataError, RunError, FileNotFoundError, PermissionError) as e:

@@ -44,7 +44,11 @@ def test_list(capsys):
     assert code == 0
     tables = dict(line.split(": ", 1) for line in out.strip().splitlines())
     assert set(tables) == {
-        "models", "attentions", "block-level attentions", "model-level attentions", "datasets",
+        "models",
+        "attentions",
+        "block-level attentions",
+        "model-level attentions",
+        "datasets",
         "recipes",
     }
     assert tables["model-level attentions"] == "abn, bridge_head"

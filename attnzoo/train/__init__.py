@@ -2,9 +2,10 @@
 
 from .checkpoint import RunError
 from .config import TrainConfig, list_recipes, load_recipe, resolve_config
-from .engine import evaluate, evaluate_run, resume, train
+from .engine import Interrupted, evaluate, evaluate_run, resume, train
 
 __all__ = [
+    "Interrupted",
     "RunError",
     "TrainConfig",
     "evaluate",

@@ -81,13 +81,18 @@ def default_threads(ctx: DistContext) -> int:
 # ---------------------------------------------------------------- collectives
 
 
-def any_of(ctx: DistContext, *flags: bool) -> tuple[bool, ...]:
-    """Each flag, true if it is true on any process (one small all_reduce)."""
+def max_of(ctx: DistContext, *values: int) -> tuple[int, ...]:
+    """Each value's maximum over processes (one small all_reduce)."""
     if not ctx.active:
-        return tuple(bool(f) for f in flags)
-    t = torch.tensor([int(bool(f)) for f in flags], dtype=torch.int32)
+        return tuple(int(v) for v in values)
+    t = torch.tensor([int(v) for v in values], dtype=torch.int64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return tuple(bool(v) for v in t.tolist())
+    return tuple(t.tolist())
+
+
+def any_of(ctx: DistContext, *flags: bool) -> tuple[bool, ...]:
+    """Each flag, true if it is true on any process."""
+    return tuple(bool(v) for v in max_of(ctx, *(int(bool(f)) for f in flags)))
 
 
 def sum_values(ctx: DistContext, values: list[float]) -> list[float]:
@@ -127,13 +132,29 @@ def on_main(ctx: DistContext, action: Callable[[], Any]) -> None:
 # ---------------------------------------------------------------- the model
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over processes, differentiable: the gradient of a sum is the summed gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:
+        total = tensor.clone()
+        dist.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        total = grad.clone()
+        dist.all_reduce(total)
+        return total
+
+
 class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     """Batch norm whose training statistics cover the global batch of all processes.
 
     Same parameters, buffers and state-dict keys as ``BatchNorm1d/2d/3d``, so checkpoints
     load either way. In training it all-reduces per-channel sums (twice: the mean, then
     the squared deviations from it, which is as accurate as one-process BN) through the
-    differentiable ``torch.distributed.nn.functional.all_reduce``; in eval mode, or without
+    differentiable ``_AllReduceSum``; in eval mode, or without
     a process group, it is plain batch norm. The running variance gets the unbiased global
     variance, as ``nn.BatchNorm``.
     """
@@ -145,8 +166,7 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and dist.is_available() and dist.is_initialized()):
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
-
+        all_reduce = _AllReduceSum.apply
         self._check_input_dim(x)
         dims = [0, *range(2, x.dim())]
         shape = [1, -1] + [1] * (x.dim() - 2)
@@ -200,10 +220,15 @@ def wrap(model: nn.Module, ctx: DistContext, sync_bn: bool) -> nn.Module:
     """The module to train with: ``model`` itself on one process, else DDP around it."""
     if not ctx.active:
         return model
+    import inspect
+
     from torch.nn.parallel import DistributedDataParallel
 
-    # With synced BN every process already holds the same running statistics.
-    return DistributedDataParallel(model, broadcast_buffers=not sync_bn)
+    # With synced BN every process already holds the same running statistics, so there is
+    # no need to copy rank 0's buffers before every forward (newer torch renamed the option).
+    options = inspect.signature(DistributedDataParallel).parameters
+    name = "forward_sync_buffers" if "forward_sync_buffers" in options else "broadcast_buffers"
+    return DistributedDataParallel(model, **{name: not sync_bn})
 
 
 # ---------------------------------------------------------------- launching
@@ -218,8 +243,8 @@ def launch(nproc: int, argv: list[str]) -> int:
     import logging
     import uuid
 
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     # The launcher logs every failure at length; the processes print their own one line.
@@ -238,8 +263,9 @@ def launch(nproc: int, argv: list[str]) -> int:
         elastic_launch(config, sys.executable)("-m", "attnzoo", *argv)
     except ChildFailedError as e:
         codes = [f.exitcode for _, f in sorted(e.failures.items())]
-        first = e.get_first_failure()[1].exitcode
-        return first if first > 0 else max([c for c in codes if c > 0], default=1)
+        codes.insert(0, e.get_first_failure()[1].exitcode)
+        # A process killed by signal S reports -S; as a shell would, say 128 + S.
+        return next((c if c > 0 else 128 - c for c in codes if c != 0), 1)
     except SignalException as e:
         return 128 + int(e.sigval)
     return 0

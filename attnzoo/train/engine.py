@@ -1,11 +1,33 @@
-"""The training loop: ``train(config, out)``, ``resume(run_dir)``, ``evaluate(...)``."""
+"""The training loop: ``train(config, out)``, ``resume(run_dir)``, ``evaluate(...)``.
+
+Reliability (docs/reliability.md has the user's view):
+
+- Exact resume. ``checkpoint.pt`` holds the model, optimizer, step, every RNG and the
+  loader's position inside the epoch, plus the epoch's running loss/accuracy sums, so a run
+  resumed from any checkpoint (end of an epoch, every ``checkpoint_every_steps`` steps, or
+  the one written on SIGINT/SIGTERM) produces bitwise the same weights and metrics as one
+  that never stopped.
+- Signals. SIGINT/SIGTERM do not kill the run mid-step: training stops at the end of the
+  current step (or, on an epoch's last step, after that epoch's evaluation and save), writes
+  a checkpoint and raises ``Interrupted``; the CLI prints how to resume and exits 130/143.
+- One process per run directory: rank 0 holds ``run.lock`` (an ``flock``) while it trains.
+- Failed writes (a full disk, a read-only mount) become one-line ``RunError``s; every file
+  is replaced atomically, so the previous checkpoint survives.
+- Data parallel (``distributed.py``): every process runs this loop on its share of each
+  batch; decisions are taken together, only rank 0 writes.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
+import signal
+import threading
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +40,15 @@ from tqdm import tqdm
 from ..data import InMemoryLoader, load_dataset
 from ..data.datasets import ImageDataset
 from ..registry import create_model
-from ..utils.io import atomic_write_json, atomic_write_yaml
+from ..utils.io import (
+    DirectoryLock,
+    LockedError,
+    atomic_write_json,
+    atomic_write_yaml,
+    check_writable,
+    describe_os_error,
+    remove_temp_files,
+)
 from .checkpoint import (
     RunError,
     load_checkpoint,
@@ -30,8 +60,46 @@ from .checkpoint import (
     write_metrics,
 )
 from .config import TrainConfig
+from .distributed import (
+    SINGLE,
+    DistContext,
+    convert_sync_batchnorm,
+    default_threads,
+    from_env,
+    max_of,
+    on_main,
+    signal_name,
+    sum_tensor_,
+    sum_values,
+    wrap,
+)
 from .loss import main_logits, training_loss
 from .schedule import learning_rate
+
+RUN_FILES = ["config.yaml", "metrics.jsonl", "summary.json", "model.safetensors", "checkpoint.pt"]
+LOCK_FILE = "run.lock"
+
+
+class Interrupted(Exception):
+    """Training stopped on a signal after saving a checkpoint; the message says how to resume."""
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+
+
+def quiet(message: str) -> None:
+    pass
+
+
+def one_line(error: BaseException, limit: int = 400) -> str:
+    """An exception's message on one line, cut to ``limit`` characters."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -48,14 +116,23 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
     )
 
 
-def make_loaders(cfg: TrainConfig, data: ImageDataset) -> tuple[InMemoryLoader, InMemoryLoader]:
+def make_loaders(
+    cfg: TrainConfig, data: ImageDataset, ctx: DistContext = SINGLE
+) -> tuple[InMemoryLoader, InMemoryLoader]:
+    """Training and test loaders; with several processes each takes its slice of every batch."""
     train_images, train_labels = data.train.images, data.train.labels
     if cfg.train_subset:
         train_images, train_labels = (
             train_images[: cfg.train_subset],
             train_labels[: cfg.train_subset],
         )
-    common = dict(mean=data.mean, std=data.std, channels_last=cfg.channels_last)
+    common = dict(
+        mean=data.mean,
+        std=data.std,
+        channels_last=cfg.channels_last,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+    )
     train = InMemoryLoader(
         train_images,
         train_labels,
@@ -71,11 +148,15 @@ def make_loaders(cfg: TrainConfig, data: ImageDataset) -> tuple[InMemoryLoader, 
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: InMemoryLoader) -> dict[str, float]:
-    """Top-1 / top-5 error (%) and mean loss over the loader."""
+def evaluate(
+    model: nn.Module, loader: InMemoryLoader, ctx: DistContext = SINGLE
+) -> dict[str, float]:
+    """Top-1 / top-5 error (%) and mean loss over the loader (summed over processes)."""
     model.eval()
     total, loss_sum, top1, top5 = 0, 0.0, 0, 0
     for x, y in loader:
+        if not len(y):  # this process's share of a short last batch
+            continue
         logits = model(x)
         loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
         k = min(5, logits.shape[1])
@@ -84,6 +165,8 @@ def evaluate(model: nn.Module, loader: InMemoryLoader) -> dict[str, float]:
         top1 += hit[:, 0].sum().item()
         top5 += hit.any(dim=1).sum().item()
         total += y.numel()
+    if ctx.active:
+        total, loss_sum, top1, top5 = sum_values(ctx, [total, loss_sum, top1, top5])
     return {
         "test_loss": loss_sum / total,
         "test_top1_err": 100.0 * (1 - top1 / total),
@@ -91,13 +174,8 @@ def evaluate(model: nn.Module, loader: InMemoryLoader) -> dict[str, float]:
     }
 
 
-def _rng_state(loader: InMemoryLoader) -> dict[str, Any]:
-    return {
-        "torch": torch.get_rng_state(),
-        "loader": loader.generator.get_state(),
-        "python": random.getstate(),
-        "numpy": _numpy_state(),
-    }
+def _rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": _numpy_state()}
 
 
 def _numpy_state() -> dict[str, Any]:
@@ -110,9 +188,8 @@ def _numpy_state() -> dict[str, Any]:
     }
 
 
-def _set_rng_state(state: dict[str, Any], loader: InMemoryLoader) -> None:
+def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    loader.generator.set_state(state["loader"])
     random.setstate(_tuplify(state["python"]))
     n = state["numpy"]
     np.random.set_state(
@@ -124,13 +201,117 @@ def _tuplify(x: Any) -> Any:
     return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
-class Trainer:
-    """One training run in one run directory."""
+@dataclass
+class EpochProgress:
+    """How far the current epoch got: what a mid-epoch checkpoint must carry for the epoch's
+    metrics row to come out exactly as in an uninterrupted run."""
 
-    def __init__(self, cfg: TrainConfig, out: Path, data: ImageDataset | None = None) -> None:
+    steps_done: int = 0
+    loss_sum: torch.Tensor | None = None  # sum of per-batch loss * batch size (float32)
+    correct: torch.Tensor | None = None  # int64
+    seen: int = 0
+    loader_time: float = 0.0
+    train_time: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.loss_sum is None:
+            self.loss_sum = torch.zeros(())
+        if self.correct is None:
+            self.correct = torch.zeros((), dtype=torch.long)
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "steps_done": self.steps_done,
+            "loss_sum": self.loss_sum.clone(),
+            "correct": self.correct.clone(),
+            "seen": self.seen,
+            "loader_time": self.loader_time,
+            "train_time": self.train_time,
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], steps: int) -> EpochProgress:
+        progress = cls(
+            steps_done=int(state["steps_done"]),
+            loss_sum=state["loss_sum"].to(torch.float32).reshape(()).clone(),
+            correct=state["correct"].to(torch.long).reshape(()).clone(),
+            seen=int(state["seen"]),
+            loader_time=float(state["loader_time"]),
+            train_time=float(state["train_time"]),
+        )
+        if not 0 < progress.steps_done < steps or progress.seen < 1:
+            raise ValueError(f"epoch progress {progress.steps_done}/{steps} steps is impossible")
+        return progress
+
+    def gather_on_main(self, ctx: DistContext) -> None:
+        """Move the sums of all processes into rank 0's (a checkpoint holds global sums)."""
+        if not ctx.active:
+            return
+        sum_tensor_(ctx, self.loss_sum)
+        sum_tensor_(ctx, self.correct)
+        (seen,) = sum_values(ctx, [self.seen])
+        self.seen = int(seen)
+        if not ctx.is_main:
+            self.loss_sum.zero_()
+            self.correct.zero_()
+            self.seen = 0
+
+
+def _requested(stop: GracefulStop | None) -> int:
+    """The signal number a stop was requested with, or 0."""
+    return (stop.signum or 0) if stop is not None else 0
+
+
+class GracefulStop:
+    """While entered, SIGINT and SIGTERM only record a request to stop.
+
+    The loop checks ``signum`` at consistent points and stops there with a checkpoint, so a
+    signal never leaves a half-done step. Signals after the first are ignored (torchrun
+    forwards the terminal's SIGINT a second time); SIGKILL remains the way to stop at once.
+    Outside the main thread (where handlers cannot be set) it does nothing.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is None:
+            self.signum = signum
+
+    def __enter__(self) -> GracefulStop:
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous.clear()
+
+
+class Trainer:
+    """One training run in one run directory (this process's part of it, if distributed)."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        out: Path,
+        data: ImageDataset | None = None,
+        ctx: DistContext = SINGLE,
+    ) -> None:
         self.cfg = cfg
         self.out = Path(out)
-        torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
+        self.ctx = ctx
+        if ctx.active and cfg.batch_size % ctx.world_size:
+            raise ValueError(
+                f"batch_size {cfg.batch_size} is the global batch and must divide evenly "
+                f"among {ctx.world_size} processes"
+            )
+        torch.set_num_threads(cfg.threads or default_threads(ctx))
         random.seed(cfg.seed)
         np.random.seed(cfg.seed % 2**32)
         torch.manual_seed(cfg.seed)
@@ -138,8 +319,15 @@ class Trainer:
         self.model = build_model(cfg, self.data.num_classes)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        if ctx.active and cfg.sync_bn:
+            self.model = convert_sync_batchnorm(self.model)
         self.params = count_parameters(self.model)
-        self.train_loader, self.test_loader = make_loaders(cfg, self.data)
+        self.train_loader, self.test_loader = make_loaders(cfg, self.data, ctx)
+        if len(self.train_loader) == 0 or self.train_loader.num_samples < ctx.world_size:
+            raise RunError(
+                f"{self.train_loader.num_samples} training images are too few for "
+                f"{ctx.world_size} process(es)"
+            )
         self.optimizer = torch.optim.SGD(
             self.model.parameters(),
             lr=cfg.lr,
@@ -147,20 +335,26 @@ class Trainer:
             nesterov=cfg.nesterov and cfg.momentum > 0,
             weight_decay=cfg.weight_decay,
         )
+        self.train_model = wrap(self.model, ctx, cfg.sync_bn)  # DDP around it, or itself
         self.epoch = 0  # epochs finished
         self.step = 0
+        self.progress: EpochProgress | None = None  # set when resuming inside an epoch
         self.metrics: list[dict[str, Any]] = []
         self.wall_time = 0.0
+        self.saved: tuple[int, int] | None = None  # (epoch, step) of the last checkpoint
 
     # ------------------------------------------------------------ state
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, progress: EpochProgress | None = None) -> dict[str, Any]:
+        """Everything a resume needs; ``progress`` for a checkpoint inside an epoch."""
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "epoch": self.epoch,
             "step": self.step,
             "wall_time": self.wall_time,
-            "rng": _rng_state(self.train_loader),
+            "rng": _rng_state(),
+            "loader": self.train_loader.state_dict(),
+            "progress": None if progress is None else progress.state(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -168,83 +362,186 @@ class Trainer:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.epoch, self.step = int(state["epoch"]), int(state["step"])
+            if self.epoch < 0 or self.step < 0:
+                raise ValueError(f"epoch {self.epoch}, step {self.step}")
             self.wall_time = float(state.get("wall_time", 0.0))
-            _set_rng_state(state["rng"], self.train_loader)
-        except (KeyError, RuntimeError, ValueError, TypeError) as e:
-            raise RunError(f"checkpoint does not match this run: {e}") from e
+            _set_rng_state(state["rng"])
+            if "loader" in state:
+                self.train_loader.load_state_dict(state["loader"])
+            else:  # written before mid-epoch checkpoints existed: always at an epoch's end
+                self.train_loader.generator.set_state(state["rng"]["loader"])
+            progress = state.get("progress")
+            steps = len(self.train_loader)
+            self.progress = None if progress is None else EpochProgress.from_state(progress, steps)
+            position = self.train_loader.state_dict()["position"]
+            if position != (self.progress.steps_done if self.progress else 0):
+                raise ValueError(f"loader position {position} disagrees with the epoch progress")
+        except (KeyError, RuntimeError, ValueError, TypeError, IndexError, AttributeError) as e:
+            raise RunError(f"checkpoint does not match this run: {one_line(e)}") from e
+        self.saved = (self.epoch, self.step)
+
+    # ------------------------------------------------------------ files (rank 0 writes)
+    def write_file(self, name: str, write: Callable[[], None]) -> None:
+        """Run a file write; an OSError (full disk, read-only mount) becomes one RunError line."""
+        try:
+            write()
+        except OSError as e:
+            if self.saved is None:
+                kept = "no checkpoint was saved yet"
+            else:
+                kept = (
+                    f"the previous checkpoint (epoch {self.saved[0]}, step {self.saved[1]}) "
+                    f"is kept; continue with --resume {self.out} once this is fixed"
+                )
+            raise RunError(f"cannot write {self.out / name}: {describe_os_error(e)}; {kept}") from e
 
     def save(self) -> None:
-        # checkpoint.pt goes last: it is what resume trusts, so the files written before it
-        # are never behind it (a crash in between only repeats that epoch's writes).
-        save_weights(self.out / "model.safetensors", self.model, {"epoch": str(self.epoch)})
-        write_metrics(self.out, self.metrics)
-        save_checkpoint(self.out / "checkpoint.pt", self.state_dict())
+        """End of an epoch: weights, metrics, then the checkpoint."""
+
+        def write() -> None:
+            # checkpoint.pt goes last: it is what resume trusts, so the files written before
+            # it are never behind it (a crash in between only repeats that epoch's writes).
+            meta = {"epoch": str(self.epoch)}
+            path = self.out / "model.safetensors"
+            self.write_file(path.name, lambda: save_weights(path, self.model, meta))
+            self.write_file("metrics.jsonl", lambda: write_metrics(self.out, self.metrics))
+            self._write_checkpoint(None)
+
+        on_main(self.ctx, write)
+        self.saved = (self.epoch, self.step)
+
+    def save_mid_epoch(self, progress: EpochProgress) -> None:
+        """Inside an epoch: the checkpoint only (the weights file stays the last epoch's)."""
+        progress.gather_on_main(self.ctx)
+        on_main(self.ctx, lambda: self._write_checkpoint(progress))
+        self.saved = (self.epoch, self.step)
+
+    def _write_checkpoint(self, progress: EpochProgress | None) -> None:
+        path = self.out / "checkpoint.pt"
+        state = self.state_dict(progress)
+        self.write_file(path.name, lambda: save_checkpoint(path, state))
+
+    def write_json(self, name: str, value: Any) -> None:
+        on_main(
+            self.ctx,
+            lambda: self.write_file(name, lambda: atomic_write_json(self.out / name, value)),
+        )
+
+    def interrupted(self, signum: int, mid_epoch: bool) -> Interrupted:
+        where = f"step {self.step} (epoch {self.epoch + 1})" if mid_epoch else f"epoch {self.epoch}"
+        return Interrupted(
+            signum,
+            f"stopped by {signal_name(signum)} after {where}, checkpoint saved in {self.out}; "
+            f"continue with: attnzoo train --resume {self.out}",
+        )
 
     # ------------------------------------------------------------ loop
-    def train_epoch(self) -> dict[str, float]:
-        cfg, model, loader = self.cfg, self.model, self.train_loader
+    def _loss_weight(self, batch_index: int, local: int) -> float:
+        """DDP averages gradients over processes; weigh each process's mean loss by its share
+        of the global batch so that the average is the global batch's mean (1.0 when even)."""
+        n, b = self.train_loader.num_samples, self.cfg.batch_size
+        global_batch = min(b, n - batch_index * b)
+        return local * self.ctx.world_size / global_batch
+
+    def train_epoch(self, stop: GracefulStop | None = None) -> dict[str, float]:
+        """Train the rest of the current epoch; on a signal, save and raise ``Interrupted``."""
+        cfg, ctx, model, loader = self.cfg, self.ctx, self.train_model, self.train_loader
         model.train()
         steps = len(loader)
-        loss_sum = torch.zeros(())
-        correct = torch.zeros((), dtype=torch.long)
-        seen = 0
-        load_time = 0.0
-        start = time.perf_counter()
-        show = cfg.progress if cfg.progress is not None else None
+        progress, self.progress = self.progress or EpochProgress(), None
+        start = time.perf_counter() - progress.train_time
+        # progress None: tqdm decides (a bar only on a terminal); other ranks never show one.
+        disable = True if not ctx.is_main else None if cfg.progress is None else not cfg.progress
         bar = tqdm(
             total=steps,
+            initial=progress.steps_done,
             desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
             leave=False,
-            disable=(not show) if show is not None else None,
+            disable=disable,
         )
         it = iter(loader)
-        for i in range(steps):
+        lr = learning_rate(cfg, self.epoch + progress.steps_done / steps)
+        for i in range(progress.steps_done, steps):
             t0 = time.perf_counter()
             x, y = next(it)
-            load_time += time.perf_counter() - t0
+            progress.loader_time += time.perf_counter() - t0
             lr = learning_rate(cfg, self.epoch + i / steps)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             output = model(x)
             loss = training_loss(output, y)
             logits = main_logits(output)
-            if not torch.isfinite(loss):
+            finite = bool(torch.isfinite(loss))
+            any_bad, stop_signal = max_of(ctx, not finite, _requested(stop))
+            if any_bad:
+                what = (
+                    f"loss is {loss.item()}"
+                    if not finite
+                    else "another process's loss is not finite"
+                )
                 raise RunError(
-                    f"loss is {loss.item()} at epoch {self.epoch + 1}, step {self.step + 1}; "
+                    f"{what} at epoch {self.epoch + 1}, step {self.step + 1}; "
                     f"stopping (the last good checkpoint in {self.out} is kept)"
                 )
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if ctx.active:
+                (loss * self._loss_weight(i, y.numel())).backward()
+            else:
+                loss.backward()
             self.optimizer.step()
             self.step += 1
-            loss_sum += loss.detach() * y.numel()
-            correct += (logits.detach().argmax(1) == y).sum()
-            seen += y.numel()
+            progress.loss_sum += loss.detach() * y.numel()
+            progress.correct += (logits.detach().argmax(1) == y).sum()
+            progress.seen += y.numel()
+            progress.steps_done = i + 1
             elapsed = time.perf_counter() - start
             bar.update()
             if i % 10 == 0 or i == steps - 1:
                 bar.set_postfix(
-                    loss=f"{loss_sum.item() / seen:.3f}",
-                    acc=f"{100 * correct.item() / seen:.1f}",
-                    img_s=f"{seen / elapsed:.0f}",
+                    loss=f"{progress.loss_sum.item() / progress.seen:.3f}",
+                    acc=f"{100 * progress.correct.item() / progress.seen:.1f}",
+                    img_s=f"{progress.seen * ctx.world_size / elapsed:.0f}",
                 )
+            # The epoch's last step goes on to the evaluation and the epoch save instead.
+            if i < steps - 1:
+                every = cfg.checkpoint_every_steps
+                if stop_signal or (every and self.step % every == 0):
+                    progress.train_time = time.perf_counter() - start
+                    self.save_mid_epoch(progress)
+                if stop_signal:
+                    bar.close()
+                    raise self.interrupted(stop_signal, mid_epoch=True)
         bar.close()
         train_time = time.perf_counter() - start
+        if ctx.active:
+            loss_sum, correct, seen = sum_values(
+                ctx, [progress.loss_sum.double().item(), progress.correct.item(), progress.seen]
+            )
+        else:
+            loss_sum, correct, seen = (
+                progress.loss_sum.item(),
+                progress.correct.item(),
+                progress.seen,
+            )
         return {
-            "train_loss": loss_sum.item() / seen,
-            "train_acc": 100.0 * correct.item() / seen,
+            "train_loss": loss_sum / seen,
+            "train_acc": 100.0 * correct / seen,
             "lr": lr,
             "train_time": train_time,
-            "loader_time": load_time,
+            "loader_time": progress.loader_time,
             "images_per_s": seen / train_time,
         }
 
-    def fit(self, log=print) -> dict[str, Any]:
-        cfg = self.cfg
+    def fit(
+        self, log: Callable[[str], None] = print, stop: GracefulStop | None = None
+    ) -> dict[str, Any]:
+        """Train the remaining epochs, saving after each; rank 0 alone logs and writes."""
+        cfg, ctx = self.cfg, self.ctx
+        log = log if ctx.is_main else quiet
         while self.epoch < cfg.epochs:
-            t0 = time.perf_counter()
-            row = {"epoch": self.epoch + 1, **self.train_epoch()}
-            row.update(evaluate(self.model, self.test_loader))
+            t0 = time.perf_counter() - (self.progress.train_time if self.progress else 0.0)
+            row = {"epoch": self.epoch + 1, **self.train_epoch(stop)}
+            row.update(evaluate(self.model, self.test_loader, ctx))
             row["epoch_time"] = time.perf_counter() - t0
             self.wall_time += row["epoch_time"]
             self.epoch += 1
@@ -256,8 +553,11 @@ class Trainer:
                 f"(top-5 {row['test_top5_err']:.2f}%)  lr {row['lr']:.4g}  "
                 f"{row['epoch_time']:.1f}s  {row['images_per_s']:.0f} img/s"
             )
+            (stop_signal,) = max_of(ctx, _requested(stop))
+            if stop_signal and self.epoch < cfg.epochs:
+                raise self.interrupted(stop_signal, mid_epoch=False)
         summary = self.summary()
-        atomic_write_json(self.out / "summary.json", summary)
+        self.write_json("summary.json", summary)
         return summary
 
     def summary(self) -> dict[str, Any]:
@@ -291,20 +591,100 @@ def _check_fresh(out: Path) -> None:
         )
 
 
-def train(cfg: TrainConfig, out: str | os.PathLike, log=print) -> dict[str, Any]:
+def _make_dirs(path: Path) -> list[Path]:
+    """``mkdir -p path``; returns the directories it created, deepest last."""
+    missing = []
+    while not path.exists():
+        missing.append(path)
+        path = path.parent
+    for d in reversed(missing):
+        d.mkdir(exist_ok=True)
+    return list(reversed(missing))
+
+
+@contextlib.contextmanager
+def claimed_run_dir(out: Path, ctx: DistContext, fresh: bool) -> Iterator[None]:
+    """Hold ``out/run.lock`` while training in ``out`` (rank 0 only; the others write nothing).
+
+    Checks, before any training: ``out`` is (or can become) a writable directory; no live
+    process holds its lock (a lock left by a dead process is free: the kernel dropped it);
+    for a fresh run, it holds no other run. Clears temp files a killed writer left. On the
+    way out the lock file goes, and so do directories made here if nothing was written.
+    """
+    lock = DirectoryLock(out / LOCK_FILE)
+    created: list[Path] = []
+
+    def claim() -> None:
+        if out.exists() and not out.is_dir():
+            raise RunError(f"--out {out} exists and is not a directory")
+        try:
+            check_writable(out)
+            created.extend(_make_dirs(out))
+            lock.acquire()
+        except LockedError as e:
+            raise RunError(
+                f"{out} is in use by {e.holder}, which holds {lock.path}; wait for it to "
+                f"finish or stop it first"
+            ) from None
+        except OSError as e:
+            _remove_empty(created)
+            raise RunError(
+                f"cannot write to {out}: {describe_os_error(e)}; choose another --out or make "
+                f"it writable"
+            ) from e
+        try:
+            if fresh:
+                _check_fresh(out)
+            remove_temp_files(out, RUN_FILES)
+        except BaseException:
+            lock.release()
+            _remove_empty(created)
+            raise
+
+    on_main(ctx, claim)
+    try:
+        yield
+    finally:
+        if ctx.is_main:
+            lock.release()
+            _remove_empty(created)
+
+
+def _remove_empty(dirs: list[Path]) -> None:
+    for d in reversed(dirs):
+        try:
+            d.rmdir()  # only succeeds if empty: a failed start leaves nothing behind
+        except OSError:
+            return
+
+
+def train(
+    cfg: TrainConfig,
+    out: str | os.PathLike,
+    log: Callable[[str], None] = print,
+    ctx: DistContext | None = None,
+) -> dict[str, Any]:
     """Train ``cfg`` into run directory ``out`` (which must not hold another run)."""
     out = Path(out)
     cfg.validate()
-    _check_fresh(out)
-    trainer = Trainer(cfg, out)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_yaml(out / "config.yaml", cfg.to_dict())
-    log(
-        f"{cfg.model} + {cfg.attention or 'no attention'} on {cfg.dataset}: "
-        f"{trainer.params:,} parameters, {trainer.train_loader.num_samples} training images, "
-        f"{cfg.epochs} epochs -> {out}"
-    )
-    return trainer.fit(log)
+    ctx = ctx or from_env()
+    log = log if ctx.is_main else quiet
+    with claimed_run_dir(out, ctx, fresh=True):
+        trainer = Trainer(cfg, out, ctx=ctx)
+        path = out / "config.yaml"
+        on_main(
+            ctx,
+            lambda: trainer.write_file(path.name, lambda: atomic_write_yaml(path, cfg.to_dict())),
+        )
+        log(
+            f"{cfg.model} + {cfg.attention or 'no attention'} on {cfg.dataset}: "
+            f"{trainer.params:,} parameters, {trainer.train_loader.num_samples} training images, "
+            f"{cfg.epochs} epochs"
+            + (f", {ctx.world_size} processes" if ctx.active else "")
+            + f" -> {out}"
+        )
+        with GracefulStop() as stop:
+            return trainer.fit(log, stop)
 
 
 def load_run_config(run_dir: str | os.PathLike) -> TrainConfig:
@@ -314,21 +694,38 @@ def load_run_config(run_dir: str | os.PathLike) -> TrainConfig:
         raise RunError(f"{run_dir}/config.yaml: {e}") from e
 
 
-def resume(run_dir: str | os.PathLike, log=print) -> dict[str, Any]:
-    """Continue the run in ``run_dir`` from its last checkpoint."""
+def resume(
+    run_dir: str | os.PathLike,
+    log: Callable[[str], None] = print,
+    ctx: DistContext | None = None,
+) -> dict[str, Any]:
+    """Continue the run in ``run_dir`` from its last checkpoint (with any number of processes)."""
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
-    state = load_checkpoint(run_dir / "checkpoint.pt")
-    trainer = Trainer(cfg, run_dir)
-    trainer.load_state_dict(state)
-    trainer.metrics = read_metrics(run_dir)[: trainer.epoch]
-    log(f"resuming {run_dir} after epoch {trainer.epoch}/{cfg.epochs}")
-    if trainer.epoch >= cfg.epochs:
-        trainer.save()  # the crash may have come between the final writes
-        summary = trainer.summary()
-        atomic_write_json(run_dir / "summary.json", summary)
-        return summary
-    return trainer.fit(log)
+    ctx = ctx or from_env()
+    log = log if ctx.is_main else quiet
+    with claimed_run_dir(run_dir, ctx, fresh=False):
+        state = load_checkpoint(run_dir / "checkpoint.pt")
+        trainer = Trainer(cfg, run_dir, ctx=ctx)
+        trainer.load_state_dict(state)
+        metrics = read_metrics(run_dir)
+        if len(metrics) < trainer.epoch:
+            raise RunError(
+                f"{run_dir / 'metrics.jsonl'} has {len(metrics)} rows but the checkpoint is after "
+                f"epoch {trainer.epoch}"
+            )
+        trainer.metrics = metrics[: trainer.epoch]
+        where = f"after epoch {trainer.epoch}/{cfg.epochs}"
+        if trainer.progress:
+            where += f", step {trainer.step} ({trainer.progress.steps_done} steps into epoch {trainer.epoch + 1})"
+        log(f"resuming {run_dir} {where}")
+        if trainer.epoch >= cfg.epochs:
+            trainer.save()  # the crash may have come between the final writes
+            summary = trainer.summary()
+            trainer.write_json("summary.json", summary)
+            return summary
+        with GracefulStop() as stop:
+            return trainer.fit(log, stop)
 
 
 def evaluate_run(run_dir: str | os.PathLike, data_dir: str | None = None) -> dict[str, Any]:

@@ -93,8 +93,15 @@ def test_branch_is_a_stride_one_copy_of_the_last_stage(abn):
 
 def test_trains_through_the_training_loop(tmp_path):
     cfg = resolve_config(
-        "digits", dataset="digits", model="resnet20", attention="abn", epochs=2,
-        batch_size=64, train_subset=128, threads=1, progress=False,
+        "digits",
+        dataset="digits",
+        model="resnet20",
+        attention="abn",
+        epochs=2,
+        batch_size=64,
+        train_subset=128,
+        threads=1,
+        progress=False,
     )
     summary = train(cfg, tmp_path / "run", log=lambda message: None)
     assert 0 <= summary["final_top1_err"] <= 100

@@ -65,8 +65,10 @@ def test_parameter_count():
     # hidden = 64 // 16 = 4: projections (32*4 + 2*4) + (64*4 + 2*4), generation 4*64.
     assert n_params(BridgeAttention(64, (32,))) == (32 * 4 + 8) + (64 * 4 + 8) + 4 * 64
     # resnet20: every block bridges conv1 (C) and conv2 (C) outputs, hidden max(1, C // 16).
-    per_block = {c: 2 * (c * max(1, c // 16) + 2 * max(1, c // 16)) + max(1, c // 16) * c
-                 for c in (16, 32, 64)}
+    per_block = {
+        c: 2 * (c * max(1, c // 16) + 2 * max(1, c // 16)) + max(1, c // 16) * c
+        for c in (16, 32, 64)
+    }
     expected = 269_722 + 3 * sum(per_block.values())
     assert n_params(attnzoo.create_model("resnet20", attention="bridge")) == expected
 

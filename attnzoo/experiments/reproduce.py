@@ -1,0 +1,381 @@
+"""Train the rows of a paper table, several seeds each: ``attnzoo reproduce TABLE``.
+
+Every selected row x seed is one ordinary training run (``attnzoo.train.train``), run one
+after another, in::
+
+    <out>/<table>/plan.json                  what was asked for and what each run did
+    <out>/<table>/<row-slug>/seed<k>/        a run directory (config.yaml, metrics.jsonl, ...)
+
+The command can be stopped at any point and started again with the same arguments: a run
+whose summary.json says it finished its planned epochs is skipped, a run with a
+checkpoint.pt is resumed (``attnzoo.train.resume``), any other is started. A run directory
+that holds a run with other settings (another budget, dataset, ...) is an error, never
+overwritten.
+
+``budget`` scales each recipe's epochs (0.05 of 200 = 10; at least 1). The recipe's
+milestones are fractions of the run, so a shortened run keeps the schedule's shape.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..utils.io import atomic_write_json
+from .spec import Row, Table, load_table
+
+DEFAULT_OUT = "runs/reproduce"
+PLAN_FILE = "plan.json"
+# Settings that do not change what a run computes: a restart may change them freely.
+NOT_COMPARED = {"data_dir", "threads", "progress", "checkpoint_every_steps"}
+
+
+@dataclass
+class PlannedRun:
+    row: Row
+    slug: str
+    seed: int
+    cfg: Any  # TrainConfig
+    out: Path
+    state: str  # "done" (skip), "resume" or "train"
+
+
+def slugify(name: str) -> str:
+    """A row name as a directory name: ``"ResNet56 + HAM (lambda=0.8)"`` -> ``resnet56-ham-lambda-0-8``."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "row"
+
+
+def row_slugs(table: Table) -> list[tuple[str, Row]]:
+    """(slug, row) for every row of ``table``, in order; a clashing slug gets ``-2``, ``-3``..."""
+    seen: set[str] = set()
+    out = []
+    for row in table.rows:
+        base = slug = slugify(row.name)
+        n = 1
+        while slug in seen:
+            n += 1
+            slug = f"{base}-{n}"
+        seen.add(slug)
+        out.append((slug, row))
+    return out
+
+
+def select_rows(table: Table, wanted: list[str] | None) -> list[tuple[str, Row]]:
+    """The rows named in ``wanted`` (by slug, name or 1-based number), or all of them."""
+    rows = row_slugs(table)
+    if not wanted:
+        return rows
+    chosen: list[tuple[str, Row]] = []
+    for w in wanted:
+        key = str(w).strip()
+        match = [
+            (slug, row)
+            for i, (slug, row) in enumerate(rows, 1)
+            if key in (slug, str(i)) or key.casefold() == row.name.casefold()
+        ]
+        if not match:
+            raise ValueError(
+                f"unknown row {w!r} in table {table.key!r}; give a slug, a name or a number "
+                f"1-{len(rows)}: {', '.join(slug for slug, _ in rows)}"
+            )
+        if match[0] not in chosen:
+            chosen.append(match[0])
+    return chosen
+
+
+def check_budget(budget: float | None, epochs: int | None) -> None:
+    if budget is not None and epochs is not None:
+        raise ValueError("give --epochs or --budget, not both")
+    if budget is not None and (
+        isinstance(budget, bool)
+        or not isinstance(budget, (int, float))
+        or not math.isfinite(budget)
+        or not 0 < budget <= 1
+    ):
+        raise ValueError(
+            f"--budget must be a fraction of the recipe's epochs in (0, 1], got {budget!r}; "
+            f"for a fixed number of epochs use --epochs"
+        )
+    if epochs is not None and (
+        isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1
+    ):
+        raise ValueError(f"--epochs must be a positive int, got {epochs!r}")
+
+
+def planned_epochs(
+    recipe_epochs: int, epochs: int | None = None, budget: float | None = None
+) -> int:
+    """``epochs`` if given, else ``budget`` x the recipe's epochs rounded (at least 1)."""
+    if epochs is not None:
+        return epochs
+    if budget is None:
+        return recipe_epochs
+    return max(1, math.floor(budget * recipe_epochs + 0.5))
+
+
+def run_dir(out: str | Path, table: str, slug: str, seed: int) -> Path:
+    return Path(out) / table / slug / f"seed{seed}"
+
+
+def read_summary(run: Path) -> dict | None:
+    path = run / "summary.json"
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read {path}: {e}; delete it to let the run finish again") from e
+    return value if isinstance(value, dict) else None
+
+
+def _config_differences(run: Path, cfg) -> list[str]:
+    from ..train.checkpoint import read_config
+
+    existing = read_config(run)
+    planned = cfg.to_dict()
+    keys = sorted((set(existing) & set(planned)) - NOT_COMPARED)
+    return [f"{k} {existing[k]!r} (now {planned[k]!r})" for k in keys if existing[k] != planned[k]]
+
+
+def run_state(run: Path, cfg) -> str:
+    """The state of run directory ``run`` planned as ``cfg``: "done", "resume" or "train"."""
+    summary = read_summary(run)
+    has_checkpoint = (run / "checkpoint.pt").is_file()
+    if summary is not None or has_checkpoint:
+        diff = _config_differences(run, cfg)
+        if diff:
+            raise ValueError(
+                f"{run} holds a run with other settings: {'; '.join(diff)}; use another --out "
+                f"or remove that directory"
+            )
+    if summary is not None and summary.get("epochs") == cfg.epochs:
+        return "done"
+    return "resume" if has_checkpoint else "train"
+
+
+def plan_runs(
+    table_key: str,
+    rows: list[str] | None = None,
+    *,
+    epochs: int | None = None,
+    budget: float | None = None,
+    seeds: int = 1,
+    dataset: str | None = None,
+    data_dir: str | None = None,
+    out: str | Path = DEFAULT_OUT,
+    train_subset: int | None = None,
+    threads: int | None = None,
+) -> tuple[Table, list[PlannedRun]]:
+    """Check everything and decide what each run needs, before any training."""
+    from ..data.datasets import list_datasets
+    from ..train import load_recipe, resolve_config
+
+    table = load_table(table_key)
+    check_budget(budget, epochs)
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise ValueError(f"--seeds must be a positive int, got {seeds!r}")
+    if not str(out).strip():
+        raise ValueError("--out is empty; give an output directory")
+    selected = select_rows(table, rows)
+    if dataset is not None and dataset not in list_datasets():
+        raise ValueError(
+            f"unknown dataset {dataset!r}; choose one of: {', '.join(list_datasets())}"
+        )
+    runs = []
+    for slug, row in selected:
+        name = dataset or row.dataset
+        if name not in list_datasets():
+            raise ValueError(
+                f"row {row.name!r} of {table_key} is on dataset {name!r}, which is not "
+                f"available; run it on another with --dataset, one of: "
+                f"{', '.join(list_datasets())}"
+            )
+        recipe = load_recipe(row.recipe)
+        recipe_epochs = int(recipe["epochs"])
+        run_epochs = planned_epochs(recipe_epochs, epochs, budget)
+        # A shortened run keeps the recipe's shape: milestones are fractions already, and
+        # the warmup shrinks by the same factor.
+        warmup = recipe.get("warmup_epochs") or 0
+        warmup = warmup * run_epochs / recipe_epochs if run_epochs != recipe_epochs else None
+        for seed in range(seeds):
+            cfg = resolve_config(
+                row.recipe,
+                model=row.model,
+                attention=row.attention,
+                attention_kwargs=dict(row.attention_kwargs),
+                model_kwargs=dict(row.model_kwargs),
+                dataset=name,
+                data_dir=data_dir,
+                epochs=run_epochs,
+                warmup_epochs=warmup,
+                seed=seed,
+                train_subset=train_subset,
+                threads=threads,
+            )
+            path = run_dir(out, table_key, slug, seed)
+            runs.append(PlannedRun(row, slug, seed, cfg, path, run_state(path, cfg)))
+    return table, runs
+
+
+def _read_plan(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _dataset_shape(name: str, data_dir: str | None, cache: dict) -> tuple[int, int]:
+    """(classes, image side) of a dataset, loaded once per invocation."""
+    if name not in cache:
+        from ..data import load_dataset
+
+        data = load_dataset(name, data_dir)
+        cache[name] = (data.num_classes, int(data.image_size[0]))
+    return cache[name]
+
+
+def _model_cost(cfg, num_classes: int, size: int) -> tuple[int | None, int | None]:
+    """Parameters, and MACs of one forward pass on one image (None if they cannot be counted)."""
+    import torch
+
+    from ..measure import count_flops, count_params
+    from ..registry import create_model
+
+    # A bad model option fails here, before any training.
+    model = create_model(
+        cfg.model,
+        num_classes=num_classes,
+        attention=cfg.attention,
+        attention_kwargs=cfg.attention_kwargs,
+        **cfg.model_kwargs,
+    )
+    try:
+        macs = count_flops(model, torch.randn(1, 3, size, size)) // 2
+    except Exception:  # a count is a nicety of the report, never a reason to stop training
+        macs = None
+    return count_params(model), macs
+
+
+def reproduce(
+    table_key: str,
+    rows: list[str] | None = None,
+    *,
+    epochs: int | None = None,
+    budget: float | None = None,
+    seeds: int = 1,
+    dataset: str | None = None,
+    data_dir: str | None = None,
+    out: str | Path = DEFAULT_OUT,
+    train_subset: int | None = None,
+    threads: int | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run (or finish) every selected row x seed of ``table_key``; returns the plan written.
+
+    The returned dict is plan.json's content plus ``counts``: how many runs were trained,
+    resumed, or skipped because they had finished.
+    """
+    from ..train import load_recipe, resume, train
+
+    table, runs = plan_runs(
+        table_key,
+        rows,
+        epochs=epochs,
+        budget=budget,
+        seeds=seeds,
+        dataset=dataset,
+        data_dir=data_dir,
+        out=out,
+        train_subset=train_subset,
+        threads=threads,
+    )
+    table_dir = Path(out) / table_key
+    plan_path = table_dir / PLAN_FILE
+    plan = _read_plan(plan_path)
+    plan.update(
+        table=table_key,
+        paper=table.paper,
+        source=table.source,
+        title=table.table,
+        caption=table.caption,
+        request={
+            "rows": [slug for slug, _ in select_rows(table, rows)],
+            "seeds": seeds,
+            "epochs": epochs,
+            "budget": budget,
+            "dataset": dataset,
+            "train_subset": train_subset,
+        },
+    )
+    plan_rows = plan.setdefault("rows", {})
+    shapes: dict = {}
+    for run in runs:
+        entry = plan_rows.get(run.slug)
+        recipe_epochs = int(load_recipe(run.row.recipe)["epochs"])
+        fresh = {
+            "name": run.row.name,
+            "model": run.cfg.model,
+            "attention": run.cfg.attention,
+            "attention_kwargs": run.cfg.attention_kwargs,
+            "model_kwargs": run.cfg.model_kwargs,
+            "dataset": run.cfg.dataset,
+            "recipe": run.row.recipe,
+            "recipe_epochs": recipe_epochs,
+            "epochs": run.cfg.epochs,
+            "budget": run.cfg.epochs / recipe_epochs,
+            "train_subset": run.cfg.train_subset,
+        }
+        if entry is None or any(entry.get(k) != v for k, v in fresh.items()):
+            seeds_before = (entry or {}).get("seeds", {})
+            entry = plan_rows[run.slug] = {**fresh, "seeds": seeds_before}
+        if "macs" not in entry or run.state != "done":
+            # Loads the data (once per dataset) and builds the model, so that a missing
+            # dataset or a bad model option fails here, before any training.
+            num_classes, size = _dataset_shape(run.cfg.dataset, data_dir, shapes)
+            if "macs" not in entry:
+                params, macs = _model_cost(run.cfg, num_classes, size)
+                entry.update(num_classes=num_classes, input_size=size, params=params, macs=macs)
+        entry["seeds"][str(run.seed)] = {
+            "dir": str(run.out.relative_to(table_dir)),
+            "status": "finished" if run.state == "done" else "pending",
+        }
+
+    def save() -> None:
+        plan["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        atomic_write_json(plan_path, plan)
+
+    save()
+    counts = {"trained": 0, "resumed": 0, "finished_before": 0}
+    todo = [r for r in runs if r.state != "done"]
+    counts["finished_before"] = len(runs) - len(todo)
+    log(
+        f"{table_key}: {len(runs)} runs ({len(runs) - len(todo)} finished before, "
+        f"{len(todo)} to do) -> {table_dir}"
+    )
+    for i, run in enumerate(todo, 1):
+        status = plan_rows[run.slug]["seeds"][str(run.seed)]
+        action = "resuming" if run.state == "resume" else "training"
+        log(f"[{i}/{len(todo)}] {run.row.name}, seed {run.seed}: {action} -> {run.out}")
+        status["status"] = "running"
+        save()
+        try:
+            if run.state == "resume":
+                resume(run.out, log=log)
+                counts["resumed"] += 1
+            else:
+                train(run.cfg, run.out, log=log)
+                counts["trained"] += 1
+        except BaseException:
+            status["status"] = "stopped"
+            save()
+            raise
+        status["status"] = "finished"
+        save()
+    return {**plan, "counts": counts}
