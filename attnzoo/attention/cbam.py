@@ -17,6 +17,10 @@ Options:
   outputs: M_c = sigmoid(MLP(F_add)), F_add = 1/2 (F_avg + F_max) + alpha F_avg + beta F_max,
   which is "CBAM (channel, adaptive)" in HAM Table 1. Our reading: the mix feeds the
   shared transform once, exactly as in HAM's channel branch.
+- ``max_pool=False``: no max-pooling anywhere, "CBAM (wmp)" in GAM Table 4: the channel
+  gate is sigmoid(MLP(AvgPool(F))) and the spatial descriptor is AvgPool_c(F') alone.
+  (GAM does not say which of the two poolings it dropped; it says max-pooling "reduces the
+  information", so we drop both. It cannot be combined with ``adaptive``.)
 """
 
 from __future__ import annotations
@@ -38,19 +42,25 @@ class CBAM(nn.Module):
         spatial: bool = True,
         adaptive: bool = False,
         kernel_size: int = 7,
+        max_pool: bool = True,
     ) -> None:
         super().__init__()
+        if adaptive and not max_pool:
+            raise ValueError("adaptive mixes the avg- and max-pooled descriptors: needs max_pool")
+        self.max_pool = max_pool
         self.channels = channels
         hidden = reduced_channels(channels, reduction, rd_rule)
         self.mlp = nn.Sequential(
             nn.Conv2d(channels, hidden, 1), nn.ReLU(inplace=True), nn.Conv2d(hidden, channels, 1)
         )
         self.mix = AdaptivePoolMix() if adaptive else None
-        self.spatial = SpatialGate(kernel_size) if spatial else None
+        self.spatial = SpatialGate(kernel_size, max_pool) if spatial else None
 
     def channel_gate(self, x: torch.Tensor) -> torch.Tensor:
         """M_c(F), shape (N, C, 1, 1)."""
         avg = x.mean(dim=(2, 3), keepdim=True)
+        if not self.max_pool:
+            return torch.sigmoid(self.mlp(avg))
         max_ = x.amax(dim=(2, 3), keepdim=True)
         if self.mix is not None:
             return torch.sigmoid(self.mlp(self.mix(avg, max_)))

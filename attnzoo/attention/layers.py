@@ -92,18 +92,24 @@ class AdaptivePoolMix(nn.Module):
 class SpatialGate(nn.Module):
     """CBAM's spatial gate: M_s = sigmoid(BN(conv_kxk([mean_c(F); max_c(F)]))), returns M_s * F.
 
-    The conv has no bias (BN follows). The descriptor order is [mean; max].
+    The conv has no bias (BN follows). The descriptor order is [mean; max]; with
+    ``max_pool=False`` the descriptor is mean_c(F) alone (a one-channel conv).
     """
 
-    def __init__(self, kernel_size: int = 7) -> None:
+    def __init__(self, kernel_size: int = 7, max_pool: bool = True) -> None:
         super().__init__()
         if kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be a positive odd int, got {kernel_size!r}")
-        self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
+        self.max_pool = max_pool
+        self.conv = nn.Conv2d(
+            2 if max_pool else 1, 1, kernel_size, padding=kernel_size // 2, bias=False
+        )
         self.bn = nn.BatchNorm2d(1)
 
     def attention_map(self, x: torch.Tensor) -> torch.Tensor:
-        pooled = torch.cat([x.mean(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)], dim=1)
+        pooled = x.mean(dim=1, keepdim=True)
+        if self.max_pool:
+            pooled = torch.cat([pooled, x.amax(dim=1, keepdim=True)], dim=1)
         return torch.sigmoid(self.bn(self.conv(pooled)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -35,7 +35,9 @@ def channel_refined(x: torch.Tensor, module: CBAM) -> torch.Tensor:
     for n in range(n_batch):
         avg = [x[n, c].sum().item() / (height * width) for c in range(channels)]
         mx = [x[n, c].max().item() for c in range(channels)]
-        if module.mix is None:
+        if not module.max_pool:
+            logits = mlp_by_hand(module, avg)  # GAM's "wmp": no max-pooled descriptor
+        elif module.mix is None:
             # Eq. 2: the MLP runs on each descriptor, the outputs are summed.
             mlp_avg, mlp_max = mlp_by_hand(module, avg), mlp_by_hand(module, mx)
             logits = [mlp_avg[c] + mlp_max[c] for c in range(channels)]
@@ -64,7 +66,7 @@ def spatial_refined(
     for n in range(n_batch):
         avg = sum(refined[n, c] for c in range(channels)) / channels
         mx = refined[n].max(dim=0).values
-        desc = torch.stack([avg, mx])[None]  # (1, 2, H, W): [avg; max]
+        desc = torch.stack([avg, mx] if gate.max_pool else [avg])[None]  # (1, 2, H, W): [avg; max]
         maps.append(F.conv2d(desc, weight, padding=k // 2))
     normed, _, _ = bn_by_hand(torch.cat(maps), gate.bn, training)
     return refined * torch.sigmoid(normed)
@@ -219,3 +221,18 @@ def test_parameter_count_at_64(kwargs: dict, expected: int) -> None:
 def test_parameter_count_by_width(channels: int, expected: int) -> None:
     torch.manual_seed(0)
     assert n_params(CBAM(channels)) == expected
+
+
+@pytest.mark.parametrize("spatial", [True, False])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_without_max_pooling_matches_reference(spatial, mode, randomize, batch_norm_by_hand):
+    torch.manual_seed(0)
+    module = randomize(CBAM(32, reduction=4, spatial=spatial, max_pool=False))
+    module.train(mode == "train")
+    x = torch.randn(3, 32, 5, 6)
+    expected = cbam_reference(x, module, mode == "train", batch_norm_by_hand)
+    torch.testing.assert_close(module(x).double(), expected, atol=1e-5, rtol=1e-5)
+    # One input channel fewer in the 7x7 conv than with max-pooling.
+    assert n_params(CBAM(32, max_pool=False)) == n_params(CBAM(32)) - 49
+    with pytest.raises(ValueError, match="needs max_pool"):
+        CBAM(32, adaptive=True, max_pool=False)
