@@ -17,6 +17,7 @@ from ..utils.io import read_yaml_mapping
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
 SCHEDULES = ("multistep", "cosine", "constant")
 MAX_THREADS = 1024
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 @dataclass
@@ -85,6 +86,8 @@ class TrainConfig:
                 or value < 0
             ):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+            if value > FLOAT32_MAX:  # the optimizer computes in float32: it would overflow
+                raise ValueError(f"{name} must be <= {FLOAT32_MAX:.4g}, got {value!r}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.schedule not in SCHEDULES:
