@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..registry import register_attention
-from .layers import AdaptivePoolMix, SpatialGate, check_input, reduced_channels
+from .layers import AdaptivePoolMix, SpatialGate, check_input, global_max_pool, reduced_channels
 
 
 @register_attention("cbam")
@@ -61,7 +61,7 @@ class CBAM(nn.Module):
         avg = x.mean(dim=(2, 3), keepdim=True)
         if not self.max_pool:
             return torch.sigmoid(self.mlp(avg))
-        max_ = x.amax(dim=(2, 3), keepdim=True)
+        max_ = global_max_pool(x)
         if self.mix is not None:
             return torch.sigmoid(self.mlp(self.mix(avg, max_)))
         # One MLP call on both descriptors stacked along the batch.

@@ -48,7 +48,15 @@ import torch
 from torch import nn
 
 from ..registry import register_attention
-from .layers import AdaptivePoolMix, SpatialGate, check_input, eca_kernel_size
+from .layers import (
+    AdaptivePoolMix,
+    SpatialGate,
+    channel_max,
+    check_input,
+    conv_input,
+    eca_kernel_size,
+    global_max_pool,
+)
 
 SPATIAL_CHOICES = ("ham", "cbam", None)
 
@@ -78,7 +86,7 @@ class HAMChannelAttention(nn.Module):
         self.conv = nn.Conv1d(1, 1, k, padding=k // 2, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        f_add = self.mix(x.mean(dim=(2, 3)), x.amax(dim=(2, 3)))  # (N, C)
+        f_add = self.mix(x.mean(dim=(2, 3)), global_max_pool(x).flatten(1))  # (N, C)
         return torch.sigmoid(self.conv(f_add.unsqueeze(1))).view(x.shape[0], -1, 1, 1)
 
 
@@ -119,14 +127,12 @@ class HAMSpatialAttention(nn.Module):
         sum1 = group1.sum(dim=1, keepdim=True)
         desc = torch.cat(
             [
-                torch.cat([sum1 / self.important, group1.amax(dim=1, keepdim=True)], dim=1),
-                torch.cat(
-                    [(total - sum1) / self.subimportant, group2.amax(dim=1, keepdim=True)], dim=1
-                ),
+                torch.cat([sum1 / self.important, channel_max(group1)], dim=1),
+                torch.cat([(total - sum1) / self.subimportant, channel_max(group2)], dim=1),
             ],
             dim=0,
         )  # (2N, 2, H, W): both groups in one batch through the shared conv and BN
-        a = torch.sigmoid(torch.relu(self.bn(self.conv(desc))))
+        a = torch.sigmoid(torch.relu(self.bn(self.conv(conv_input(desc)))))
         n = refined.shape[0]
         return a[:n], a[n:]
 

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ..registry import register_attention
-from .layers import check_input
+from .layers import channel_max, check_input, conv_input
 
 
 class ZPoolGate(nn.Module):
@@ -45,8 +45,8 @@ class ZPoolGate(nn.Module):
         self.bn = nn.BatchNorm2d(1)
 
     def gate(self, x: torch.Tensor) -> torch.Tensor:
-        pooled = torch.cat([x.amax(dim=1, keepdim=True), x.mean(dim=1, keepdim=True)], dim=1)
-        return torch.sigmoid(self.bn(self.conv(pooled)))
+        pooled = torch.cat([channel_max(x), x.mean(dim=1, keepdim=True)], dim=1)
+        return torch.sigmoid(self.bn(self.conv(conv_input(pooled))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.gate(x)
