@@ -1,4 +1,5 @@
-"""Command line: ``attnzoo train | eval | profile | bench | reproduce | report | list``
+"""Command line: ``attnzoo train | eval | profile | bench | reproduce | report | visualize |
+list``
 (also ``python -m attnzoo``).
 
 The CLI only parses arguments and calls library functions. Every user error (unknown
@@ -156,6 +157,29 @@ def build_parser() -> argparse.ArgumentParser:
     rr.add_argument("table", help="table name, as given to `attnzoo reproduce`")
     rr.add_argument("--out", default="runs/reproduce", help="reproduce's output root")
     rr.add_argument("--markdown", metavar="FILE", help="default <out>/<table>/report.md")
+
+    vz = sub.add_parser(
+        "visualize", help="Grad-CAM, attention maps, channel weights and curves of trained runs"
+    )
+    vz.add_argument(
+        "--run",
+        action="extend",
+        nargs="+",
+        required=True,
+        metavar="DIR",
+        help="run directory; repeat (or list several) to compare runs side by side",
+    )
+    vz.add_argument(
+        "--images", type=int, required=True, metavar="N", help="test images to show, one row each"
+    )
+    vz.add_argument("--out", help="output directory (default <first run>/viz)")
+    vz.add_argument("--data-dir", help="data root, if not the one the runs used")
+    vz.add_argument("--seed", type=int, default=0, help="seed of the choice of test images")
+    vz.add_argument("--method", default="gradcam", help="gradcam (default) or gradcam++")
+    vz.add_argument(
+        "--cam-class", default="true", help="class Grad-CAM explains: true (default) or predicted"
+    )
+    vz.add_argument("--threads", type=int, help="torch threads (default: all cores)")
 
     ls = sub.add_parser("list", help="list models, attentions, datasets and recipes")
     ls.add_argument("what", nargs="?", choices=["models", "attentions", "datasets", "recipes"])
@@ -407,6 +431,30 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_visualize(args: argparse.Namespace) -> int:
+    import torch
+
+    from .viz import visualize
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    result = visualize(
+        args.run,
+        args.images,
+        out=args.out,
+        data_dir=args.data_dir,
+        seed=args.seed,
+        method=args.method,
+        cam_class=args.cam_class,
+    )
+    for reason in result["skipped"]:
+        print(f"skipped {reason}")
+    print(f"wrote {', '.join(str(p) for p in result['written'])}")
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from . import list_attentions, list_models
     from .data import list_datasets
@@ -443,6 +491,7 @@ def main(argv: list[str] | None = None) -> int:
             "list": cmd_list,
             "reproduce": cmd_reproduce,
             "report": cmd_report,
+            "visualize": cmd_visualize,
         }
         return commands[args.command](args)
     except (ValueError, TypeError, DataError, RunError, FileNotFoundError, PermissionError) as e:

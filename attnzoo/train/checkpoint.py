@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch import nn
 
-from ..utils.io import atomic_write, atomic_write_text, read_yaml_mapping
+from ..utils.io import atomic_write, atomic_write_text, describe_os_error, read_yaml_mapping
 
 
 class RunError(Exception):
@@ -75,10 +75,15 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 def read_config(run_dir: Path) -> dict[str, Any]:
     path = Path(run_dir) / "config.yaml"
-    if not Path(run_dir).is_dir():
-        raise RunError(f"run directory {run_dir} does not exist")
-    if not path.is_file():
-        raise RunError(f"{run_dir} is not a run directory (no config.yaml)")
+    try:
+        if Path(run_dir).exists() and not Path(run_dir).is_dir():
+            raise RunError(f"{run_dir} is a file, not a run directory")
+        if not Path(run_dir).is_dir():
+            raise RunError(f"run directory {run_dir} does not exist")
+        if not path.is_file():
+            raise RunError(f"{run_dir} is not a run directory (no config.yaml)")
+    except OSError as e:  # a name too long, a loop of symlinks, no permission...
+        raise RunError(f"cannot read run directory {run_dir}: {describe_os_error(e)}") from e
     return read_yaml_mapping(path, RunError, "run config")
 
 
@@ -91,6 +96,9 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     try:
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    except (OSError, json.JSONDecodeError) as e:
-        raise RunError(f"cannot read {path}: {e}") from e
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, ValueError) as e:  # ValueError: bad JSON or not UTF-8 at all
+        raise RunError(f"cannot read {path}: {' '.join(str(e).split())[:200]}") from e
+    if not all(isinstance(row, dict) for row in rows):
+        raise RunError(f"{path} is not one JSON object per line")
+    return rows

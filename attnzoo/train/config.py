@@ -147,9 +147,9 @@ def load_recipe(name: str) -> dict[str, Any]:
     """A recipe by name (see ``list_recipes()``) or by path to a YAML file."""
     path = Path(name)
     if path.suffix not in (".yaml", ".yml"):
-        path = RECIPE_DIR / f"{name}.yaml"
-        if not path.is_file():
+        if name not in list_recipes():
             raise ValueError(f"unknown recipe {name!r}; choose one of: {', '.join(list_recipes())}")
+        path = RECIPE_DIR / f"{name}.yaml"
     return read_yaml_mapping(path, ValueError, "recipe")
 
 

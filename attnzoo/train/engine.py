@@ -102,6 +102,15 @@ def one_line(error: BaseException, limit: int = 400) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def load_data(cfg: TrainConfig) -> ImageDataset:
+    """The configured dataset; a file-system failure under the data root is one RunError."""
+    try:
+        return load_dataset(cfg.dataset, cfg.data_dir)
+    except OSError as e:
+        where = f" under --data-dir {cfg.data_dir}" if cfg.data_dir else ""
+        raise RunError(f"cannot load {cfg.dataset}{where}: {one_line(e)}") from e
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -315,7 +324,7 @@ class Trainer:
         random.seed(cfg.seed)
         np.random.seed(cfg.seed % 2**32)
         torch.manual_seed(cfg.seed)
-        self.data = data if data is not None else load_dataset(cfg.dataset, cfg.data_dir)
+        self.data = data if data is not None else load_data(cfg)
         self.model = build_model(cfg, self.data.num_classes)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -615,9 +624,9 @@ def claimed_run_dir(out: Path, ctx: DistContext, fresh: bool) -> Iterator[None]:
     created: list[Path] = []
 
     def claim() -> None:
-        if out.exists() and not out.is_dir():
-            raise RunError(f"--out {out} exists and is not a directory")
         try:
+            if out.exists() and not out.is_dir():
+                raise RunError(f"--out {out} exists and is not a directory")
             check_writable(out)
             created.extend(_make_dirs(out))
             lock.acquire()
@@ -735,7 +744,7 @@ def evaluate_run(run_dir: str | os.PathLike, data_dir: str | None = None) -> dic
     if data_dir:
         cfg.data_dir = data_dir
     torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
-    data = load_dataset(cfg.dataset, cfg.data_dir)
+    data = load_data(cfg)
     model = build_model(cfg, data.num_classes)
     load_weights(run_dir / "model.safetensors", model)
     if cfg.channels_last:
