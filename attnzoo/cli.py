@@ -1,6 +1,5 @@
 """Command line: ``attnzoo train | eval | profile | bench | reproduce | report | visualize |
-list``
-(also ``python -m attnzoo``).
+list`` (also ``python -m attnzoo``).
 
 The CLI only parses arguments and calls library functions. Every user error (unknown
 name, bad option, missing or corrupt file) prints one line and exits with status 2.

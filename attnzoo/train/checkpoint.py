@@ -4,8 +4,12 @@ A run directory holds
     config.yaml       the fully resolved TrainConfig
     metrics.jsonl     one JSON line per finished epoch
     summary.json      final and best test error, params, wall time
-    model.safetensors the latest weights (what ``eval`` loads)
-    checkpoint.pt     everything needed to resume: model, optimizer, epoch, RNG states
+    model.safetensors the weights after the last finished epoch (what ``eval`` loads)
+    checkpoint.pt     everything needed to resume exactly: model, optimizer, epoch, step, RNG
+                      states, the loader's position inside the epoch and the epoch's running
+                      sums (written at epoch ends, every ``checkpoint_every_steps`` steps and
+                      on SIGINT/SIGTERM)
+    run.lock          only while a process trains in the directory (an ``flock``)
 Each file is replaced atomically, so a crash leaves the previous complete version.
 ``checkpoint.pt`` is only ever read with ``torch.load(weights_only=True)``.
 """
@@ -57,8 +61,8 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise RunError(
-            f"no checkpoint {path}: the run stopped before finishing an epoch; start it again "
-            f"with the same --out"
+            f"no checkpoint {path}: the run stopped before its first checkpoint; start it "
+            f"again with the same --out"
         )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
