@@ -200,6 +200,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         if ctx.is_main:  # every process stops alike; one line is enough
             print(f"attnzoo: {e}", file=sys.stderr)
         return e.exit_code
+    except distributed.PeerFailed:
+        return EXIT_USAGE  # process 0 printed the reason
     except RuntimeError as e:
         if not ctx.active:
             raise
@@ -280,13 +282,15 @@ def launch_train(args: argparse.Namespace) -> int:
     import os
 
     from .train import distributed
-    from .train.engine import load_run_config
+    from .train.engine import claimed_run_dir, load_run_config
 
     if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
         raise ValueError("--nproc cannot be used inside a distributed launch (torchrun)")
     if args.resume is not None:
         check_resume_args(args)
         load_run_config(args.resume)
+        with claimed_run_dir(Path(args.resume), distributed.SINGLE, fresh=False):
+            pass  # not in use by a live process, writable
     else:
         cfg, out = train_config(args)
         if cfg.batch_size % args.nproc:
@@ -294,6 +298,8 @@ def launch_train(args: argparse.Namespace) -> int:
                 f"batch_size {cfg.batch_size} is the global batch and must divide evenly among "
                 f"{args.nproc} processes"
             )
+        with claimed_run_dir(out, distributed.SINGLE, fresh=True):
+            pass  # --out is usable (writable, free, no other run); the workers claim it again
         args.out = str(out)  # the workers must agree on the default directory
     return distributed.launch(args.nproc, worker_argv(args))
 

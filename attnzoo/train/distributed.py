@@ -36,6 +36,10 @@ from torch import nn
 from .checkpoint import RunError
 
 
+class PeerFailed(RunError):
+    """Another process of the run failed (and reports why itself)."""
+
+
 @dataclass(frozen=True)
 class DistContext:
     """Where this process sits in a data-parallel run (rank 0 of 1 when not distributed)."""
@@ -126,7 +130,7 @@ def on_main(ctx: DistContext, action: Callable[[], Any]) -> None:
     if error is not None:
         raise error
     if failed:
-        raise RunError("process 0 failed (its message says why); stopping")
+        raise PeerFailed("process 0 failed (its message says why); stopping")
 
 
 # ---------------------------------------------------------------- the model
@@ -247,8 +251,11 @@ def launch(nproc: int, argv: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    # The launcher logs every failure at length; the processes print their own one line.
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    # The launcher logs every failure and signal at length; the processes print their own
+    # one line. Its modules set their loggers' levels themselves, so each is quietened.
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("torch.distributed.elastic") or name.startswith("torch.distributed.run"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     config = LaunchConfig(
         min_nodes=1,
         max_nodes=1,

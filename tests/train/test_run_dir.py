@@ -259,3 +259,15 @@ def test_atomic_write_flushes_and_fsyncs_before_the_rename(tmp_path, monkeypatch
     atomic_write(tmp_path / "f.bin", lambda f: f.write(b"x" * 100))
     assert events[:2] == ["fsync", "replace"]  # the data, then the name
     assert events[2:] == ["fsync"]  # then the directory entry
+
+
+def test_files_get_the_usual_permissions(tmp_path):
+    """Atomic writes go through mkstemp (0600); the result has 0666 minus the umask."""
+    from attnzoo.utils.io import atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
