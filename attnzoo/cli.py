@@ -59,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int)
     t.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     t.add_argument("--train-subset", type=int, help="train on the first N images only")
+    t.add_argument("--test-subset", type=int, help="evaluate on the first N test images only")
     t.add_argument(
         "--channels-last",
         action=argparse.BooleanOptionalAction,
@@ -150,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--data-dir", help="data root (default: $ATTNZOO_DATA or ~/.cache/attnzoo)")
     rp.add_argument("--out", default="runs/reproduce", help="output root (default runs/reproduce)")
     rp.add_argument("--train-subset", type=int, metavar="N", help="first N training images only")
+    rp.add_argument("--test-subset", type=int, metavar="N", help="first N test images only")
+    rp.add_argument("--model", help="run every row on this model instead of the row's")
+    rp.add_argument("--recipe", help="train every row with this recipe instead of the row's")
     rp.add_argument("--threads", type=int, help="torch threads (default: all cores)")
 
     rr = sub.add_parser("report", help="Markdown table and plots of a table's finished runs")
@@ -246,6 +250,7 @@ def train_config(args: argparse.Namespace):
         seed=args.seed,
         threads=args.threads,
         train_subset=args.train_subset,
+        test_subset=args.test_subset,
         channels_last=args.channels_last,
         progress=args.progress,
         checkpoint_every_steps=args.checkpoint_every_steps,
@@ -414,6 +419,9 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
             data_dir=args.data_dir,
             out=args.out,
             train_subset=args.train_subset,
+            test_subset=args.test_subset,
+            model=args.model,
+            recipe=args.recipe,
             threads=args.threads,
         )
     except Interrupted as e:

@@ -42,6 +42,8 @@ class RunResult:
     params: int
     curve: list[float]  # test accuracy % per epoch
     train_subset: int | None = None
+    test_subset: int | None = None
+    model: str | None = None
 
 
 @dataclass
@@ -108,6 +110,8 @@ def _finished_run(path: Path) -> RunResult | None:
         params=int(summary.get("params", 0)),
         curve=[100.0 - float(m["test_top1_err"]) for m in metrics],
         train_subset=cfg.get("train_subset"),
+        test_subset=cfg.get("test_subset"),
+        model=cfg.get("model"),
     )
 
 
@@ -127,7 +131,11 @@ def collect(table_key: str, out: str | Path = DEFAULT_OUT) -> list[RowResult]:
     for slug, row in row_slugs(table):
         result = RowResult(row, slug)
         try:
-            result.recipe_epochs = int(load_recipe(row.recipe)["epochs"])
+            # The recipe the runs used (reproduce --recipe may replace the row's).
+            planned = plan.get(slug, {}) if isinstance(plan, dict) else {}
+            result.recipe_epochs = int(
+                planned.get("recipe_epochs") or load_recipe(row.recipe)["epochs"]
+            )
         except (ValueError, KeyError, TypeError):
             result.recipe_epochs = None
         seed_dirs = [
@@ -221,6 +229,18 @@ def render_markdown(
         notes.append(
             f"Runs trained on the first {'/'.join(map(str, subsets))} training images only "
             "(`--train-subset`)."
+        )
+    test_subsets = sorted({x.test_subset for r in done for x in r.runs if x.test_subset})
+    if test_subsets:
+        notes.append(
+            f"Test error on the first {'/'.join(map(str, test_subsets))} test images only "
+            "(`--test-subset`)."
+        )
+    models = sorted({x.model for r in done for x in r.runs if x.model and x.model != r.row.model})
+    if models:
+        notes.append(
+            f"Rows run on {'/'.join(models)} instead of the paper's model (`--model`): the "
+            "paper's numbers are for its own model."
         )
     if converted:
         notes.append("The paper gives accuracy for some rows; their error is 100 - accuracy.")

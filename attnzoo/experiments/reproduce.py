@@ -170,6 +170,9 @@ def plan_runs(
     data_dir: str | None = None,
     out: str | Path = DEFAULT_OUT,
     train_subset: int | None = None,
+    test_subset: int | None = None,
+    model: str | None = None,
+    recipe: str | None = None,
     threads: int | None = None,
 ) -> tuple[Table, list[PlannedRun]]:
     """Check everything and decide what each run needs, before any training."""
@@ -196,17 +199,18 @@ def plan_runs(
                 f"available; run it on another with --dataset, one of: "
                 f"{', '.join(list_datasets())}"
             )
-        recipe = load_recipe(row.recipe)
-        recipe_epochs = int(recipe["epochs"])
+        recipe_name = recipe or row.recipe
+        recipe_cfg = load_recipe(recipe_name)
+        recipe_epochs = int(recipe_cfg["epochs"])
         run_epochs = planned_epochs(recipe_epochs, epochs, budget)
         # A shortened run keeps the recipe's shape: milestones are fractions already, and
         # the warmup shrinks by the same factor.
-        warmup = recipe.get("warmup_epochs") or 0
+        warmup = recipe_cfg.get("warmup_epochs") or 0
         warmup = warmup * run_epochs / recipe_epochs if run_epochs != recipe_epochs else None
         for seed in range(seeds):
             cfg = resolve_config(
-                row.recipe,
-                model=row.model,
+                recipe_name,
+                model=model or row.model,
                 attention=row.attention,
                 attention_kwargs=dict(row.attention_kwargs),
                 model_kwargs=dict(row.model_kwargs),
@@ -216,6 +220,7 @@ def plan_runs(
                 warmup_epochs=warmup,
                 seed=seed,
                 train_subset=train_subset,
+                test_subset=test_subset,
                 threads=threads,
             )
             path = run_dir(out, table_key, slug, seed)
@@ -274,6 +279,9 @@ def reproduce(
     data_dir: str | None = None,
     out: str | Path = DEFAULT_OUT,
     train_subset: int | None = None,
+    test_subset: int | None = None,
+    model: str | None = None,
+    recipe: str | None = None,
     threads: int | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
@@ -294,6 +302,9 @@ def reproduce(
         data_dir=data_dir,
         out=out,
         train_subset=train_subset,
+        test_subset=test_subset,
+        model=model,
+        recipe=recipe,
         threads=threads,
     )
     table_dir = Path(out) / table_key
@@ -312,13 +323,16 @@ def reproduce(
             "budget": budget,
             "dataset": dataset,
             "train_subset": train_subset,
+            "test_subset": test_subset,
+            "model": model,
+            "recipe": recipe,
         },
     )
     plan_rows = plan.setdefault("rows", {})
     shapes: dict = {}
     for run in runs:
         entry = plan_rows.get(run.slug)
-        recipe_epochs = int(load_recipe(run.row.recipe)["epochs"])
+        recipe_epochs = int(load_recipe(run.cfg.recipe)["epochs"])
         fresh = {
             "name": run.row.name,
             "model": run.cfg.model,
@@ -326,11 +340,12 @@ def reproduce(
             "attention_kwargs": run.cfg.attention_kwargs,
             "model_kwargs": run.cfg.model_kwargs,
             "dataset": run.cfg.dataset,
-            "recipe": run.row.recipe,
+            "recipe": run.cfg.recipe,
             "recipe_epochs": recipe_epochs,
             "epochs": run.cfg.epochs,
             "budget": run.cfg.epochs / recipe_epochs,
             "train_subset": run.cfg.train_subset,
+            "test_subset": run.cfg.test_subset,
         }
         if entry is None or any(entry.get(k) != v for k, v in fresh.items()):
             seeds_before = (entry or {}).get("seeds", {})

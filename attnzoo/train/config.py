@@ -43,6 +43,7 @@ class TrainConfig:
     channels_last: bool = True
     threads: int | None = None
     train_subset: int | None = None  # first N training images only (smoke runs)
+    test_subset: int | None = None  # evaluate on the first N test images only (CPU budgets)
     progress: bool | None = None  # tqdm bar; None = only on a terminal
     # Also save checkpoint.pt every N optimizer steps (resume continues inside the epoch);
     # None: at the end of every epoch only.
@@ -104,8 +105,9 @@ class TrainConfig:
             raise ValueError(
                 f"warmup_epochs ({self.warmup_epochs}) must be < epochs ({self.epochs})"
             )
-        if self.train_subset is not None:
-            _positive_int("train_subset", self.train_subset)
+        for name in ("train_subset", "test_subset"):
+            if getattr(self, name) is not None:
+                _positive_int(name, getattr(self, name))
         if self.threads is not None:
             _positive_int("threads", self.threads)
             if self.threads > MAX_THREADS:  # more would only exhaust the machine's threads

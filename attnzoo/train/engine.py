@@ -152,7 +152,10 @@ def make_loaders(
         seed=cfg.seed,
         **common,
     )
-    test = InMemoryLoader(data.test.images, data.test.labels, max(cfg.batch_size, 256), **common)
+    test_images, test_labels = data.test.images, data.test.labels
+    if cfg.test_subset:
+        test_images, test_labels = test_images[: cfg.test_subset], test_labels[: cfg.test_subset]
+    test = InMemoryLoader(test_images, test_labels, max(cfg.batch_size, 256), **common)
     return train, test
 
 
