@@ -131,3 +131,43 @@ def test_row_on_an_unavailable_dataset(tiny_table, capsys):
     assert main(["reproduce", "far", "--out", str(tiny_table)]) == 2
     err = capsys.readouterr().err
     assert "on dataset 'stl10', which is not available" in err and "cifar10" in err
+
+
+def test_model_recipe_and_test_subset_overrides(tiny_table):
+    out = tiny_table
+    options = dict(OPTIONS, seeds=1, test_subset=50, model="resnet32", recipe="cosine")
+    result = reproduce(
+        "tiny",
+        rows=["1"],
+        out=out,
+        epochs=1,
+        **{k: v for k, v in options.items() if k != "epochs"},
+        log=quiet,
+    )
+    assert result["counts"]["trained"] == 1
+    entry = result["rows"]["resnet20"]
+    assert entry["model"] == "resnet32" and entry["recipe"] == "cosine"
+    assert entry["recipe_epochs"] == 200 and entry["test_subset"] == 50
+    from attnzoo.train.checkpoint import read_config
+
+    cfg = read_config(out / "tiny" / "resnet20" / "seed0")
+    assert (cfg["model"], cfg["recipe"], cfg["test_subset"]) == ("resnet32", "cosine", 50)
+    md, _, _ = report("tiny", out=out)
+    text = md.read_text()
+    assert "1 of 200" in text  # the budget is read against the recipe actually used
+    assert "first 50 test images" in text and "instead of the paper's model" in text
+    # The same directory with another model is refused.
+    with pytest.raises(ValueError, match="other settings"):
+        reproduce(
+            "tiny",
+            rows=["1"],
+            out=out,
+            epochs=1,
+            seeds=1,
+            model="resnet20",
+            recipe="cosine",
+            test_subset=50,
+            train_subset=96,
+            threads=1,
+            log=quiet,
+        )
