@@ -21,6 +21,9 @@ Options:
   gate is sigmoid(MLP(AvgPool(F))) and the spatial descriptor is AvgPool_c(F') alone.
   (GAM does not say which of the two poolings it dropped; it says max-pooling "reduces the
   information", so we drop both. It cannot be combined with ``adaptive``.)
+
+Implementation: each gate (pooling, MLP or conv + BN, sigmoid, scaling) runs as one fused
+autograd node (``layers.pooled_gate``): same values, fewer passes over F in backward.
 """
 
 from __future__ import annotations
@@ -29,7 +32,14 @@ import torch
 from torch import nn
 
 from ..registry import register_attention
-from .layers import AdaptivePoolMix, SpatialGate, check_input, global_max_pool, reduced_channels
+from .layers import (
+    AdaptivePoolMix,
+    SpatialGate,
+    check_input,
+    global_max_pool,
+    pooled_gate,
+    reduced_channels,
+)
 
 
 @register_attention("cbam")
@@ -56,21 +66,27 @@ class CBAM(nn.Module):
         self.mix = AdaptivePoolMix() if adaptive else None
         self.spatial = SpatialGate(kernel_size, max_pool) if spatial else None
 
+    def channel_logits(self, avg: torch.Tensor, max_: torch.Tensor | None) -> torch.Tensor:
+        """The logits of M_c from the pooled descriptors (N, C, 1, 1)."""
+        if max_ is None:
+            return self.mlp(avg)
+        if self.mix is not None:
+            return self.mlp(self.mix(avg, max_))
+        # One MLP call on both descriptors stacked along the batch.
+        both = self.mlp(torch.cat([avg, max_], dim=0))
+        return both[: avg.shape[0]] + both[avg.shape[0] :]
+
     def channel_gate(self, x: torch.Tensor) -> torch.Tensor:
         """M_c(F), shape (N, C, 1, 1)."""
         avg = x.mean(dim=(2, 3), keepdim=True)
-        if not self.max_pool:
-            return torch.sigmoid(self.mlp(avg))
-        max_ = global_max_pool(x)
-        if self.mix is not None:
-            return torch.sigmoid(self.mlp(self.mix(avg, max_)))
-        # One MLP call on both descriptors stacked along the batch.
-        both = self.mlp(torch.cat([avg, max_], dim=0))
-        return torch.sigmoid(both[: x.shape[0]] + both[x.shape[0] :])
+        return torch.sigmoid(
+            self.channel_logits(avg, global_max_pool(x) if self.max_pool else None)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.channels, "cbam")
-        x = x * self.channel_gate(x)
+        params = tuple(self.mlp.parameters()) + tuple(self.mix.parameters() if self.mix else ())
+        x = pooled_gate(x, (((2, 3), self.max_pool, self.channel_logits),), params)[0]
         if self.spatial is not None:
             x = self.spatial(x)
         return x

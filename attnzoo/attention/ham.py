@@ -40,6 +40,14 @@ Ablation switches (HAM Tables 1-3): ``adaptive`` (alpha/beta mix on/off), ``kern
 (3/5/7), ``separation_rate`` (lambda), ``spatial`` in {"ham", "cbam", None}: "cbam" uses
 CBAM's spatial gate on F' ("HAM(channel)&CBAM(spatial)"), None is channel attention only
 ("HAM (channel)"). ``eca_kernel`` fixes the 1-D kernel instead of Eq. 6.
+
+Implementation: in training, the channel step is one fused autograd node
+(``layers.pooled_gate``) and so is the separation + spatial step (``_SeparatedSpatialGate``):
+the same values and gradients as the plain expression in ``HAMSpatialAttention.maps``,
+with fewer passes over the feature map. The group sums are one batched matmul with the
+(N, C, 2) group indicator; each group's channel max is taken over the channels of that group
+(gathered important-first), then max'ed with 0, which is the max over the masked tensor
+F'_i (its other group's channels are zeros).
 """
 
 from __future__ import annotations
@@ -56,6 +64,7 @@ from .layers import (
     conv_input,
     eca_kernel_size,
     global_max_pool,
+    pooled_gate,
 )
 
 SPATIAL_CHOICES = ("ham", "cbam", None)
@@ -85,9 +94,19 @@ class HAMChannelAttention(nn.Module):
         self.mix = AdaptivePoolMix(adaptive)
         self.conv = nn.Conv1d(1, 1, k, padding=k // 2, bias=False)
 
+    def logits(self, avg: torch.Tensor, max_: torch.Tensor) -> torch.Tensor:
+        """C1D_k(F_add) from the pooled (N, C, 1, 1) descriptors, same shape."""
+        n, c = avg.shape[:2]
+        f_add = self.mix(avg.view(n, c), max_.view(n, c))
+        return self.conv(f_add.unsqueeze(1)).view(n, c, 1, 1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        f_add = self.mix(x.mean(dim=(2, 3)), global_max_pool(x).flatten(1))  # (N, C)
-        return torch.sigmoid(self.conv(f_add.unsqueeze(1))).view(x.shape[0], -1, 1, 1)
+        avg = x.mean(dim=(2, 3), keepdim=True)
+        return torch.sigmoid(self.logits(avg, global_max_pool(x)))
+
+    def refine(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(F' = A_C(F) * F, A_C(F)) through the fused gate."""
+        return pooled_gate(x, (((2, 3), True, self.logits),), tuple(self.parameters()))
 
 
 class HAMSpatialAttention(nn.Module):
@@ -136,11 +155,97 @@ class HAMSpatialAttention(nn.Module):
         n = refined.shape[0]
         return a[:n], a[n:]
 
+    def logits(self, descriptors: torch.Tensor) -> torch.Tensor:
+        """relu(BN(conv(desc))) for the (2N, 2, H, W) stack of both groups' [avg; max]."""
+        return torch.relu(self.bn(self.conv(conv_input(descriptors))))
+
     def forward(self, refined: torch.Tensor, channel_weights: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            flat = channel_weights.flatten(1)
+            order = flat.sort(dim=1, descending=True, stable=True).indices
+            return _SeparatedSpatialGate.apply(refined, order, self, *self.parameters())
         mask = self.important_mask(channel_weights).to(refined.dtype)
         a1, a2 = self.maps(refined, mask)
         # F''_1 + F''_2 = a1 * mask * F' + a2 * (1 - mask) * F'
         return refined * torch.where(mask.bool(), a1, a2)
+
+
+def _group_sums(t: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """sum_c t[:, c] * groups[:, c, g] for g = 0, 1: (N, 2, H, W), one read of t."""
+    n, c, h, w = t.shape
+    groups = groups.to(t.dtype)
+    with torch.autocast(t.device.type, enabled=False):  # sums in t's precision, as .sum()
+        if t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
+            rows = t.permute(0, 2, 3, 1).reshape(n, h * w, c)  # a view
+            return torch.bmm(rows, groups).view(n, h, w, 2).permute(0, 3, 1, 2)
+        return torch.bmm(groups.transpose(1, 2), t.reshape(n, c, h * w)).view(n, 2, h, w)
+
+
+class _SeparatedSpatialGate(torch.autograd.Function):
+    """F'' = F' * where(mask, A_S,1, A_S,2) (HAM Eqs. 2-4, 9-10) as one autograd node."""
+
+    @staticmethod
+    def forward(ctx, refined, order, module, *params):  # noqa: ANN001, ANN205
+        n, c, h, w = refined.shape
+        c_im = module.important
+        if not (
+            refined.is_contiguous() or refined.is_contiguous(memory_format=torch.channels_last)
+        ):
+            refined = refined.contiguous()
+        mask = torch.zeros(n, c, dtype=torch.bool, device=refined.device)
+        mask.scatter_(1, order[:, :c_im], True)
+        groups = torch.stack([mask, ~mask], dim=2).to(refined.dtype)  # (N, C, 2)
+        ordered = refined.gather(1, order.view(n, c, 1, 1).expand(n, c, h, w))
+        leaves, channels, positive = [], [], []
+        sums = _group_sums(refined, groups)
+        for g, (part, start, count) in enumerate(
+            ((ordered[:, :c_im], 0, c_im), (ordered[:, c_im:], c_im, c - c_im))
+        ):
+            top, where = part.max(dim=1, keepdim=True)
+            # The masked group has count < C channels and zeros elsewhere: its max is >= 0.
+            positive.append(top > 0)
+            channels.append(order.gather(1, (where + start).view(n, -1)).view(n, 1, h, w))
+            leaves.append(sums[:, g : g + 1] / count)
+            leaves.append(top.clamp_min(0))
+        for leaf in leaves:
+            leaf.requires_grad_()
+        with torch.enable_grad():
+            desc = torch.cat(
+                [torch.cat(leaves[:2], dim=1), torch.cat(leaves[2:], dim=1)], dim=0
+            )  # (2N, 2, H, W): both groups in one batch through the shared conv and BN
+            logits = module.logits(desc)
+        maps = torch.sigmoid(logits.detach()).to(refined.dtype)
+        weight = torch.empty_like(refined)
+        torch.where(mask.view(n, c, 1, 1), maps[:n], maps[n:], out=weight)
+        ctx.module, ctx.params = module, params
+        ctx.graph = (leaves, logits, channels, positive)
+        ctx.save_for_backward(refined, weight, maps, groups)
+        return refined * weight
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):  # noqa: ANN001, ANN205
+        refined, weight, maps, groups = ctx.saved_tensors
+        leaves, logits, channels, positive = ctx.graph
+        ctx.graph = None
+        n, c = refined.shape[:2]
+        c_im = ctx.module.important
+        params = [p for p in ctx.params if p.requires_grad]
+        grad_maps = _group_sums(grad_out * refined, groups)  # d/d A_S,1 and A_S,2
+        grad_logits = torch.cat([grad_maps[:, :1], grad_maps[:, 1:]], dim=0)
+        grad_logits = (grad_logits * maps * (1 - maps)).to(logits.dtype)
+        grads = torch.autograd.grad(logits, leaves + params, grad_logits, allow_unused=True)
+        zeros = torch.zeros_like(leaves[0])
+        g_avg1, g_max1, g_avg2, g_max2 = (zeros if g is None else g for g in grads[:4])
+        grad = torch.empty_like(refined)
+        important = groups[:, :, :1].view(n, c, 1, 1).bool()
+        mean1, mean2 = (g_avg1 / c_im).to(grad.dtype), (g_avg2 / (c - c_im)).to(grad.dtype)
+        torch.where(important, mean1, mean2, out=grad)
+        torch.addcmul(grad, grad_out, weight, out=grad)
+        for channel, g_max, keep in zip(channels, (g_max1, g_max2), positive, strict=True):
+            grad.scatter_add_(1, channel, (g_max * keep).to(grad.dtype))
+        by_param = dict(zip(map(id, params), grads[4:], strict=True))
+        return (grad, None, None, *(by_param.get(id(p)) for p in ctx.params))
 
 
 @register_attention("ham")
@@ -173,8 +278,7 @@ class HAM(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.channels, "ham")
-        weights = self.channel(x)
-        refined = x * weights
+        refined, weights = self.channel.refine(x)
         if self.spatial_kind == "ham":
             return self.spatial(refined, weights)
         if self.spatial_kind == "cbam":

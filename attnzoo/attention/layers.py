@@ -5,6 +5,8 @@
 - ``AdaptivePoolMix``: HAM's adaptive mix of avg- and max-pooled descriptors, Eq. (5).
 - ``SpatialGate``: CBAM's spatial gate, sigmoid(BN(conv([mean_c; max_c]))).
 - ``check_input``: one clear error for a wrong input shape.
+- ``pooled_gate``: x * sigmoid(f(mean_d x, max_d x)) with a hand-written backward (the fused
+  eager path that SE, ECA, CBAM, HAM and triplet use; see its docstring).
 - ``SingleSampleSafeBatchNorm1d``: BatchNorm1d that survives a training batch of one.
 """
 
@@ -131,14 +133,18 @@ class SpatialGate(nn.Module):
         )
         self.bn = nn.BatchNorm2d(1)
 
+    def logits(self, mean: torch.Tensor, max_: torch.Tensor | None) -> torch.Tensor:
+        """BN(conv([mean; max])) from the pooled maps (N, 1, H, W)."""
+        pooled = mean if max_ is None else torch.cat([mean, max_], dim=1)
+        return self.bn(self.conv(conv_input(pooled)))
+
     def attention_map(self, x: torch.Tensor) -> torch.Tensor:
-        pooled = x.mean(dim=1, keepdim=True)
-        if self.max_pool:
-            pooled = torch.cat([pooled, channel_max(x)], dim=1)
-        return torch.sigmoid(self.bn(self.conv(conv_input(pooled))))
+        mean = x.mean(dim=1, keepdim=True)
+        return torch.sigmoid(self.logits(mean, channel_max(x) if self.max_pool else None))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.attention_map(x)
+        branch = ((1,), self.max_pool, self.logits)
+        return pooled_gate(x, (branch,), tuple(self.parameters()))[0]
 
 
 class SingleSampleSafeBatchNorm1d(nn.BatchNorm1d):
@@ -154,3 +160,178 @@ class SingleSampleSafeBatchNorm1d(nn.BatchNorm1d):
                 x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
             )
         return super().forward(x)
+
+
+# --- the fused gate ----------------------------------------------------------------------
+#
+# Every gate in SE, ECA, CBAM, HAM and triplet has the form
+#     out = x * mean_b sigmoid(f_b(mean_{d_b} x, max_{d_b} x))
+# over one or more branches b, each pooling x over some dims d_b and mapping the pooled
+# descriptors through a small learned transform f_b. Written with plain ops, autograd makes
+# several full-size passes over x for it, and on a channels_last x several of them come out
+# in the contiguous layout (the backward of ``mean`` and of ``max`` materialise an NCHW
+# gradient), so adding them to the channels_last gradient is a strided transpose. On this CPU
+# that layout mismatch, not the arithmetic, was most of the cost. ``pooled_gate`` computes
+# the same values with one autograd node: it keeps x and the gate weights, runs the small
+# transforms' backward with ``torch.autograd.grad``, and writes the gradient of x in x's own
+# layout in one fused pass (``addcmul`` of the gate term and the broadcast mean term) plus a
+# scatter of the max term to the argmax positions.
+
+Branch = tuple  # (dims, use_max, transform): transform(mean, max_or_None) -> logits
+_POOL_SIZES = {(3,): "rows", (2,): "cols"}
+
+
+def _pool(
+    x: torch.Tensor, dims: tuple[int, ...], use_max: bool, indices: bool
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """mean and max of x over ``dims`` (kept as size-1 dims), and the argmax if asked.
+
+    The argmax is the channel for dims (1,) and the flat H*W position otherwise. Reductions
+    over H and/or W go through the adaptive pooling kernels, which are several times faster
+    than ``mean``/``max`` over one spatial dim on a channels_last tensor here.
+    """
+    _, _, h, w = x.shape
+    if dims == (1,):
+        mean = x.mean(dim=1, keepdim=True)
+        if not use_max:
+            return mean, None, None
+        if indices:
+            values, index = x.max(dim=1, keepdim=True)
+            return mean, values, index
+        return mean, channel_max(x), None
+    size = {(2, 3): (1, 1), (3,): (h, 1), (2,): (1, w)}[dims]
+    mean = x.mean(dim=(2, 3), keepdim=True) if dims == (2, 3) else F.adaptive_avg_pool2d(x, size)
+    if not use_max:
+        return mean, None, None
+    if indices:
+        values, index = F.adaptive_max_pool2d(x, size, return_indices=True)
+        return mean, values, index
+    return mean, F.adaptive_max_pool2d(x, size), None
+
+
+def _scatter_max_grad(
+    grad_x: torch.Tensor, dims: tuple[int, ...], index: torch.Tensor, grad_max: torch.Tensor
+) -> None:
+    """grad_x[argmax] += grad_max, in place."""
+    if dims == (1,):
+        grad_x.scatter_add_(1, index, grad_max.to(grad_x.dtype))
+        return
+    n, c = grad_x.shape[:2]
+    # H and W merge into one dim as a view in both the NCHW and the NHWC layout.
+    grad_x.view(n, c, -1).scatter_add_(
+        2, index.reshape(n, c, -1), grad_max.reshape(n, c, -1).to(grad_x.dtype)
+    )
+
+
+def _average(gates: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """The mean of the branches' gates, broadcast to x's shape and layout (one branch: its
+    gate as it is)."""
+    if len(gates) == 1:
+        return gates[0]
+    weight = torch.empty_like(x)
+    torch.add(gates[0], gates[1], out=weight)
+    for gate in gates[2:]:
+        weight.add_(gate)
+    return weight.div_(len(gates))
+
+
+class _PooledGate(torch.autograd.Function):
+    """out = x * mean_b sigmoid(f_b(pools_b(x))); see ``pooled_gate``."""
+
+    @staticmethod
+    def forward(ctx, x, branches, *params):  # noqa: ANN001, ANN205
+        gates, leaves, logits, indices = [], [], [], []
+        for dims, use_max, transform in branches:
+            mean, max_, index = _pool(x, dims, use_max, indices=True)
+            pooled = [mean.requires_grad_()] + ([max_.requires_grad_()] if use_max else [])
+            with torch.enable_grad():
+                out = transform(mean, max_)
+            gates.append(torch.sigmoid(out.detach()))
+            leaves.append(pooled)
+            logits.append(out)
+            indices.append(index)
+        weight = _average(gates, x)
+        ctx.branches, ctx.graph, ctx.indices = branches, (leaves, logits), indices
+        ctx.params = params
+        ctx.save_for_backward(x, weight, *gates)
+        ctx.mark_non_differentiable(weight)
+        return x * weight, weight
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out, _grad_weight):  # noqa: ANN001, ANN205
+        x, weight, *gates = ctx.saved_tensors
+        (leaves, logits), indices, branches = ctx.graph, ctx.indices, ctx.branches
+        ctx.graph = ctx.indices = None
+        params = [p for p in ctx.params if p.requires_grad]
+        # d out / d gate_b: the sum of grad * x over the dims gate_b is broadcast along.
+        product = grad_out * x
+        scale = 1.0 / len(branches)
+        grad_logits = [
+            (product.sum(dim=dims, keepdim=True) * (gate * (1 - gate) * scale)).to(out.dtype)
+            for (dims, _, _), gate, out in zip(branches, gates, logits, strict=True)
+        ]
+        del product
+        inputs = [t for pooled in leaves for t in pooled] + params
+        grads = list(torch.autograd.grad(logits, inputs, grad_logits, allow_unused=True))
+        pooled_grads, param_grads = (
+            grads[: len(grads) - len(params)],
+            grads[len(grads) - len(params) :],
+        )
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            # grad * weight + the mean terms (broadcast), in one pass, then the max terms.
+            terms = []
+            for dims, use_max, _ in branches:
+                grad_mean = pooled_grads.pop(0)
+                grad_max = pooled_grads.pop(0) if use_max else None
+                count = math.prod(x.shape[d] for d in dims)
+                terms.append((grad_mean, count, grad_max))
+            grad_x = torch.empty_like(x)
+            means = [(g / n).to(x.dtype) for g, n, _ in terms if g is not None]
+            torch.addcmul(
+                means[0] if means else torch.zeros((), dtype=x.dtype), grad_out, weight, out=grad_x
+            )
+            for mean_term in means[1:]:
+                grad_x.add_(mean_term)
+            for (dims, _, _), (_, _, grad_max), index in zip(branches, terms, indices, strict=True):
+                if grad_max is not None:
+                    _scatter_max_grad(grad_x, dims, index, grad_max)
+        by_param = dict(zip(map(id, params), param_grads, strict=True))
+        return (grad_x, None, *(by_param.get(id(p)) for p in ctx.params))
+
+
+def _plain_gate(x: torch.Tensor, branches: tuple[Branch, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    gates = []
+    for dims, use_max, transform in branches:
+        mean, max_, _ = _pool(x, dims, use_max, indices=False)
+        gates.append(torch.sigmoid(transform(mean, max_)))
+    if len(gates) == 1:
+        return x * gates[0], gates[0]
+    weight = sum(gates[1:], gates[0]) / len(gates)
+    return x * weight, weight
+
+
+def pooled_gate(
+    x: torch.Tensor, branches: tuple[Branch, ...], params: tuple[torch.Tensor, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x * w, w) with w = mean over branches of sigmoid(transform(mean_d(x), max_d(x))).
+
+    Each branch is ``(dims, use_max, transform)``: dims one of (2, 3) (a channel gate),
+    (1,) (a spatial gate), (2,) or (3,) (triplet's C-W and C-H maps); ``transform(mean,
+    max)`` gets the pooled descriptors with the pooled dims kept at size 1 (``max`` is None
+    without ``use_max``) and returns logits broadcastable to x. ``params`` are the
+    parameters the transforms use (they get their gradients through this node).
+
+    With autograd recording, in eager mode, this is one ``autograd.Function`` (see the note
+    above); the values equal the plain expression's to float rounding and the gradients are
+    the same, max ties included (the gradient goes to the one position the pooling kernel
+    returns as argmax, as with ``global_max_pool``/``channel_max``). Without grad, or under
+    ``torch.compile`` (whose compiler fuses the plain expression itself), it is the plain
+    expression.
+    """
+    if torch.compiler.is_compiling() or not torch.is_grad_enabled():
+        return _plain_gate(x, branches)
+    if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+        x = x.contiguous()
+    return _PooledGate.apply(x, branches, *params)
