@@ -85,6 +85,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="with several processes: batch-norm statistics over the global batch",
     )
     t.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="folder datasets (imagenet): image-decoding processes (default min(4, cores))",
+    )
+    t.add_argument(
+        "--image-size",
+        type=int,
+        metavar="S",
+        help="folder datasets (imagenet): crop side (default 224; val resizes to S*256/224)",
+    )
+    t.add_argument(
         "--out", help="run directory (default runs/<model>-<attention>-<dataset>-s<seed>)"
     )
     t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR")
@@ -255,6 +267,8 @@ def train_config(args: argparse.Namespace):
         progress=args.progress,
         checkpoint_every_steps=args.checkpoint_every_steps,
         sync_bn=args.sync_bn,
+        workers=args.workers,
+        image_size=args.image_size,
     )
     out = args.out or Path("runs") / (
         f"{cfg.model}-{cfg.attention or 'none'}-{cfg.dataset}-s{cfg.seed}"

@@ -54,13 +54,13 @@ def test_list(capsys):
     assert tables["model-level attentions"] == "abn, bridge_head"
     assert "resnet20" in tables["models"].split(", ")
     assert "ham" in tables["attentions"].split(", ")
-    assert tables["datasets"] == "cifar10, cifar100, digits"
+    assert tables["datasets"] == "cifar10, cifar100, digits, imagenet, stl10"
     assert "ham" in tables["recipes"].split(", ")
 
 
 def test_list_one_table(capsys):
     code, out, _ = run_cli(["list", "datasets"], capsys)
-    assert (code, out) == (0, "datasets: cifar10, cifar100, digits\n")
+    assert (code, out) == (0, "datasets: cifar10, cifar100, digits, imagenet, stl10\n")
 
 
 def test_python_m_attnzoo_list():
@@ -110,7 +110,10 @@ def offline(*args, **kwargs):
     [
         (["--model", "resnet21"], ["unknown model 'resnet21'", "choose one of", "resnet20"]),
         (["--attention", "hamm"], ["unknown attention 'hamm'", "choose one of", "ham", "cbam"]),
-        (["--dataset", "imagenet"], ["unknown dataset 'imagenet'", "cifar10, cifar100, digits"]),
+        (
+            ["--dataset", "imagenet1k"],
+            ["unknown dataset 'imagenet1k'", "cifar10, cifar100, digits"],
+        ),
         (["--recipe", "hamm"], ["unknown recipe 'hamm'", "ham"]),
         (["--schedule", "step"], ["unknown schedule 'step'", "multistep"]),
         (["--epochs", "0"], ["epochs must be a positive int"]),

@@ -1,9 +1,22 @@
-"""Named datasets: where their arrays come from and how they are augmented.
+"""Named datasets: where their images come from and how they are augmented.
+
+In memory (``ImageDataset``: uint8 arrays, batched by ``loader.InMemoryLoader``):
 
 - ``digits``: scikit-learn's bundled 8x8 handwritten digits (1,797 real images, no download),
   upsampled to 16x16, grey copied to RGB, fixed 80/20 stratified split (seed 0).
 - ``cifar10`` / ``cifar100``: ``<root>/<name>/{train,test}.npz`` (see ``arrays.py``); if absent,
   the official release is downloaded once through torchvision and written there.
+- ``stl10``: the 13,000 labelled STL-10 images (5,000 train + 8,000 test, 96x96), pooled and
+  split 7:3 as in the HAM paper (``stratified_split``: 9,100 / 3,900, 910 / 390 per class,
+  seed 0), cached as ``<root>/stl10/{train,test}.npz``. Without them, they are made from the
+  official binary files in ``<root>/stl10/stl10_binary/``, else from a torchvision download.
+  Mean/std are those of the 9,100 training images. Crops with 12-px padding, flips.
+
+From files (``folder.FolderDataset``: decoded by DataLoader workers, ``folder.FolderLoader``):
+
+- ``imagenet``: ImageNet-style ``train/<class>/*.jpg`` and ``val/<class>/*.jpg`` in
+  ``<root>/imagenet`` (or in ``<root>`` itself if it holds ``train/`` and ``val/``); random
+  resized 224 crops and flips, val resize 256 and centre crop 224 (``folder.py``).
 
 The data root is ``--data-dir``, else ``$ATTNZOO_DATA``, else ``$XDG_CACHE_HOME/attnzoo``
 (``~/.cache/attnzoo``).
@@ -20,6 +33,9 @@ from pathlib import Path
 import numpy as np
 
 from .arrays import DataError, Split, load_split, save_split
+from .base import Dataset, LoaderSettings
+from .folder import load_folder_dataset
+from .loader import InMemoryLoader
 
 
 @dataclass
@@ -36,6 +52,41 @@ class ImageDataset:
     @property
     def image_size(self) -> tuple[int, int]:
         return tuple(self.train.images.shape[1:3])
+
+    def make_loaders(self, settings: LoaderSettings) -> tuple[InMemoryLoader, InMemoryLoader]:
+        """Training and test loaders (``base.Dataset``); a subset is the first N images."""
+        if settings.image_size is not None and settings.image_size != self.image_size[0]:
+            raise ValueError(
+                f"{self.name} images are {self.image_size[0]}x{self.image_size[1]}; "
+                f"image_size only resizes folder datasets (imagenet): drop --image-size"
+            )
+        train, test = self.train, self.test
+        common = dict(
+            mean=self.mean,
+            std=self.std,
+            channels_last=settings.channels_last,
+            rank=settings.rank,
+            world_size=settings.world_size,
+        )
+        n = settings.train_subset
+        train_loader = InMemoryLoader(
+            train.images[:n] if n else train.images,
+            train.labels[:n] if n else train.labels,
+            settings.batch_size,
+            train=True,
+            pad=self.pad,
+            flip=self.flip,
+            seed=settings.seed,
+            **common,
+        )
+        n = settings.test_subset
+        test_loader = InMemoryLoader(
+            test.images[:n] if n else test.images,
+            test.labels[:n] if n else test.labels,
+            settings.test_batch_size,
+            **common,
+        )
+        return train_loader, test_loader
 
 
 def data_root(data_dir: str | os.PathLike | None = None) -> Path:
@@ -122,11 +173,127 @@ def load_cifar_dataset(name: str, data_dir=None) -> ImageDataset:
     return ImageDataset(name, train, test, num_classes, mean, std, pad=4, flip=True)
 
 
+# ---------------------------------------------------------------- STL-10
+STL10_FILES = ("train_X.bin", "train_y.bin", "test_X.bin", "test_y.bin")
+STL10_TEST_PERCENT = 30  # HAM paper Sec. 4.3: the 13,000 labelled images split 7:3
+STL10_SPLIT_SEED = 0
+_STL10_SIDE = 96
+
+
+def read_stl10_binary(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The labelled images of the official binary release, train files then test files.
+
+    Each image in ``*_X.bin`` is 3 planes (R, G, B) of 96x96 bytes in column-major order;
+    ``*_y.bin`` holds one byte per image, the class 1..10. Returns uint8 [N, 96, 96, 3] and
+    int64 labels 0..9. Read here rather than through ``torchvision.datasets.STL10``, which
+    needs the 2.7 GB ``unlabeled_X.bin`` as well and checksums every file on each load.
+    """
+    images, labels = [], []
+    per_image = 3 * _STL10_SIDE * _STL10_SIDE
+    for split in ("train", "test"):
+        x_path, y_path = folder / f"{split}_X.bin", folder / f"{split}_y.bin"
+        for path in (x_path, y_path):
+            if not path.is_file():
+                raise DataError(
+                    f"stl10: missing {path}; copy all of {', '.join(STL10_FILES)} from the "
+                    f"official stl10_binary.tar.gz into {folder}"
+                )
+        raw = np.fromfile(x_path, dtype=np.uint8)
+        y = np.fromfile(y_path, dtype=np.uint8)
+        if y.size == 0 or raw.size != y.size * per_image:
+            raise DataError(
+                f"stl10: {x_path} has {raw.size} bytes, not the {y.size} images of 3x96x96 "
+                f"that {y_path.name} labels; the files are truncated or not STL-10's: copy "
+                f"them again"
+            )
+        if y.min() < 1 or y.max() > 10:
+            raise DataError(
+                f"stl10: {y_path} holds labels {y.min()}..{y.max()}, not 1..10; copy it again"
+            )
+        side = _STL10_SIDE
+        images.append(raw.reshape(-1, 3, side, side).transpose(0, 3, 2, 1))  # -> [N, H, W, C]
+        labels.append(y.astype(np.int64) - 1)
+    return np.ascontiguousarray(np.concatenate(images)), np.concatenate(labels)
+
+
+def stratified_split(
+    labels: np.ndarray, test_percent: int = STL10_TEST_PERCENT, seed: int = STL10_SPLIT_SEED
+) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, test) of a fixed stratified split.
+
+    With ``rng = np.random.default_rng(seed)``: for each class in increasing order, its
+    indices are permuted by ``rng`` and the first ``round(n_c * test_percent / 100)`` (half
+    up) go to test; the rest is train. Each part is then put in an ``rng``-permuted order,
+    so that its first N images (``--test-subset``) are a random sample of every class.
+    """
+    rng = np.random.default_rng(seed)
+    test = []
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        test.append(rng.permutation(members)[: (len(members) * test_percent + 50) // 100])
+    test = np.sort(np.concatenate(test))
+    train = np.setdiff1d(np.arange(len(labels)), test)
+    return rng.permutation(train), rng.permutation(test)
+
+
+def prepare_stl10(root: Path) -> None:
+    """Write ``<root>/stl10/{train,test}.npz``: the pooled labelled images, split 7:3.
+
+    From ``<root>/stl10/stl10_binary/`` if it exists, else from the official release
+    downloaded once through torchvision into a temporary folder (removed afterwards).
+    """
+    target = root / "stl10"
+    binary = target / "stl10_binary"
+    if binary.is_dir():
+        images, labels = read_stl10_binary(binary)
+    else:
+        import torchvision
+
+        target.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target, prefix=".download-") as tmp:
+            try:
+                torchvision.datasets.STL10(tmp, split="test", download=True)
+            except Exception as e:  # network failure, checksum failure, ...
+                reason = " ".join(str(e).split()) or type(e).__name__
+                raise DataError(
+                    f"stl10: {target / 'train.npz'} and {target / 'test.npz'} are not both "
+                    f"there, nor is {binary}, and the download failed ({reason}). Put the "
+                    f"official stl10_binary folder (from stl10_binary.tar.gz; "
+                    f"{', '.join(STL10_FILES)} are enough) at {binary}, or train.npz/test.npz "
+                    f"(arrays 'images' uint8 [N,96,96,3], 'labels' int64 [N]) in {target}, or "
+                    f"point --data-dir / ATTNZOO_DATA at a root that has them"
+                ) from e
+            images, labels = read_stl10_binary(Path(tmp) / "stl10_binary")
+    train, test = stratified_split(labels)
+    save_split(target / "test.npz", images[test], labels[test])
+    save_split(target / "train.npz", images[train], labels[train])
+
+
+def load_stl10_dataset(data_dir=None) -> ImageDataset:
+    root = data_root(data_dir)
+    folder = root / "stl10"
+    files = [folder / "train.npz", folder / "test.npz"]
+    if not all(f.exists() for f in files):
+        prepare_stl10(root)
+    train = load_split(files[0], 10)
+    test = load_split(files[1], 10)
+    for path, split in zip(files, (train, test), strict=True):
+        if split.images.shape[1:] != (_STL10_SIDE, _STL10_SIDE, 3):
+            raise DataError(
+                f"{path}: STL-10 images are 96x96x3, got {split.images.shape[1:]}; delete "
+                f"train.npz/test.npz there to make them again"
+            )
+    mean, std = _stats(train.images)
+    return ImageDataset("stl10", train, test, 10, mean, std, pad=12, flip=True)
+
+
 # ---------------------------------------------------------------- registry
-_DATASETS: dict[str, Callable[..., ImageDataset]] = {
+_DATASETS: dict[str, Callable[..., Dataset]] = {
     "digits": load_digits_dataset,
     "cifar10": lambda data_dir=None: load_cifar_dataset("cifar10", data_dir),
     "cifar100": lambda data_dir=None: load_cifar_dataset("cifar100", data_dir),
+    "stl10": load_stl10_dataset,
+    "imagenet": lambda data_dir=None: load_folder_dataset("imagenet", data_root(data_dir)),
 }
 
 
@@ -139,12 +306,21 @@ def check_dataset(name: str) -> None:
         raise ValueError(f"unknown dataset {name!r}; choose one of: {', '.join(list_datasets())}")
 
 
-def load_dataset(name: str, data_dir: str | os.PathLike | None = None) -> ImageDataset:
-    """Load dataset ``name`` (see ``list_datasets()``) with its augmentation settings."""
+def load_dataset(name: str, data_dir: str | os.PathLike | None = None) -> Dataset:
+    """Load dataset ``name`` (see ``list_datasets()``) with its augmentation settings: an
+    ``ImageDataset`` (arrays in memory) or a ``FolderDataset`` (files, ``imagenet``)."""
     check_dataset(name)
     return _DATASETS[name](data_dir)
 
 
 def _stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    x = images.reshape(-1, 3).astype(np.float64) / 255.0
-    return tuple(float(v) for v in x.mean(0)), tuple(float(v) for v in x.std(0))
+    """Per-channel mean and std of uint8 RGB images in [0, 1], from value histograms (exact,
+    and without a float copy of the images: STL-10's would take 2 GB)."""
+    counts = np.stack(
+        [np.bincount(images[..., c].ravel(), minlength=256) for c in range(3)]
+    ).astype(np.float64)
+    values = np.arange(256, dtype=np.float64) / 255.0
+    total = counts.sum(1)
+    mean = counts @ values / total
+    std = np.sqrt(np.maximum((counts @ values**2) / total - mean**2, 0.0))
+    return tuple(float(v) for v in mean), tuple(float(v) for v in std)

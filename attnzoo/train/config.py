@@ -17,6 +17,7 @@ from ..utils.io import read_yaml_mapping
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
 SCHEDULES = ("multistep", "cosine", "constant")
 MAX_THREADS = 1024
+MAX_IMAGE_SIZE = 4096
 FLOAT32_MAX = 3.4028234663852886e38
 
 
@@ -51,6 +52,10 @@ class TrainConfig:
     # Data-parallel runs: batch-norm statistics over the global batch instead of each
     # process's share (no effect on one process).
     sync_bn: bool = False
+    # Folder datasets (imagenet): image-decoding worker processes per training process
+    # (None: min(4, CPU cores); 0: in the training process) and the crop side (None: 224).
+    workers: int | None = None
+    image_size: int | None = None
 
     def validate(self) -> TrainConfig:
         from ..data.datasets import check_dataset
@@ -114,6 +119,16 @@ class TrainConfig:
                 raise ValueError(f"threads must be <= {MAX_THREADS}, got {self.threads}")
         if self.checkpoint_every_steps is not None:
             _positive_int("checkpoint_every_steps", self.checkpoint_every_steps)
+        if self.workers is not None and (
+            not isinstance(self.workers, int) or isinstance(self.workers, bool) or self.workers < 0
+        ):
+            raise ValueError(f"workers must be an int >= 0, got {self.workers!r}")
+        if self.image_size is not None:
+            _positive_int("image_size", self.image_size)
+            if not 8 <= self.image_size <= MAX_IMAGE_SIZE:
+                raise ValueError(
+                    f"image_size must be in 8..{MAX_IMAGE_SIZE}, got {self.image_size}"
+                )
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
         if not -(2**63) <= self.seed < 2**64:  # what torch.manual_seed accepts

@@ -37,8 +37,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from ..data import InMemoryLoader, load_dataset
-from ..data.datasets import ImageDataset
+from ..data import Dataset, Loader, LoaderSettings, load_dataset
+from ..data.folder import default_workers
 from ..registry import create_model
 from ..utils.io import (
     DirectoryLock,
@@ -102,7 +102,7 @@ def one_line(error: BaseException, limit: int = 400) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def load_data(cfg: TrainConfig) -> ImageDataset:
+def load_data(cfg: TrainConfig) -> Dataset:
     """The configured dataset; a file-system failure under the data root is one RunError."""
     try:
         return load_dataset(cfg.dataset, cfg.data_dir)
@@ -126,43 +126,26 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
 
 
 def make_loaders(
-    cfg: TrainConfig, data: ImageDataset, ctx: DistContext = SINGLE
-) -> tuple[InMemoryLoader, InMemoryLoader]:
+    cfg: TrainConfig, data: Dataset, ctx: DistContext = SINGLE
+) -> tuple[Loader, Loader]:
     """Training and test loaders; with several processes each takes its slice of every batch."""
-    train_images, train_labels = data.train.images, data.train.labels
-    if cfg.train_subset:
-        train_images, train_labels = (
-            train_images[: cfg.train_subset],
-            train_labels[: cfg.train_subset],
-        )
-    common = dict(
-        mean=data.mean,
-        std=data.std,
+    settings = LoaderSettings(
+        batch_size=cfg.batch_size,
+        test_batch_size=max(cfg.batch_size, 256),
+        seed=cfg.seed,
+        train_subset=cfg.train_subset,
+        test_subset=cfg.test_subset,
         channels_last=cfg.channels_last,
         rank=ctx.rank,
         world_size=ctx.world_size,
+        workers=default_workers() if cfg.workers is None else cfg.workers,
+        image_size=cfg.image_size,
     )
-    train = InMemoryLoader(
-        train_images,
-        train_labels,
-        cfg.batch_size,
-        train=True,
-        pad=data.pad,
-        flip=data.flip,
-        seed=cfg.seed,
-        **common,
-    )
-    test_images, test_labels = data.test.images, data.test.labels
-    if cfg.test_subset:
-        test_images, test_labels = test_images[: cfg.test_subset], test_labels[: cfg.test_subset]
-    test = InMemoryLoader(test_images, test_labels, max(cfg.batch_size, 256), **common)
-    return train, test
+    return data.make_loaders(settings)
 
 
 @torch.no_grad()
-def evaluate(
-    model: nn.Module, loader: InMemoryLoader, ctx: DistContext = SINGLE
-) -> dict[str, float]:
+def evaluate(model: nn.Module, loader: Loader, ctx: DistContext = SINGLE) -> dict[str, float]:
     """Top-1 / top-5 error (%) and mean loss over the loader (summed over processes)."""
     model.eval()
     total, loss_sum, top1, top5 = 0, 0.0, 0, 0
@@ -312,7 +295,7 @@ class Trainer:
         self,
         cfg: TrainConfig,
         out: Path,
-        data: ImageDataset | None = None,
+        data: Dataset | None = None,
         ctx: DistContext = SINGLE,
     ) -> None:
         self.cfg = cfg

@@ -164,6 +164,11 @@ def visualize(
         data = load_dataset(configs[0].dataset, data_dir or configs[0].data_dir)
     except OSError as e:
         raise RunError(f"cannot load {configs[0].dataset}: {' '.join(str(e).split())}") from e
+    if not isinstance(data, ImageDataset):  # a folder dataset: no test arrays to pick from
+        raise ValueError(
+            f"visualize reads in-memory datasets only (digits, cifar10, cifar100, stl10), not "
+            f"{configs[0].dataset}"
+        )
     out = Path(out) if out is not None else paths[0] / "viz"
     try:
         check_writable(out)  # before the work, not after it

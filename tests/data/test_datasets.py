@@ -55,14 +55,14 @@ def test_env_root_is_used_by_load_dataset(clean_env, tiny_cifar_root):
 
 
 def test_list_datasets():
-    assert list_datasets() == ["cifar10", "cifar100", "digits"]
+    assert list_datasets() == ["cifar10", "cifar100", "digits", "imagenet", "stl10"]
 
 
-@pytest.mark.parametrize("name", ["cifar", "CIFAR10", "stl10", ""])
+@pytest.mark.parametrize("name", ["cifar", "CIFAR10", "stl-10", ""])
 def test_unknown_dataset_lists_valid_names(name):
     with pytest.raises(ValueError, match="unknown dataset") as info:
         load_dataset(name)
-    assert "choose one of: cifar10, cifar100, digits" in str(info.value)
+    assert "choose one of: cifar10, cifar100, digits, imagenet, stl10" in str(info.value)
 
 
 # ------------------------------------------------------------------ digits

@@ -114,7 +114,7 @@ def test_budget_and_slugs():
         (["reproduce", "tiny", "--budget", "0"], "--budget must be a fraction"),
         (["reproduce", "tiny", "--budget", "1.5"], "--budget must be a fraction"),
         (["reproduce", "tiny", "--budget", "0.5", "--epochs", "2"], "not both"),
-        (["reproduce", "tiny", "--dataset", "stl10"], "unknown dataset 'stl10'"),
+        (["reproduce", "tiny", "--dataset", "svhn"], "unknown dataset 'svhn'"),
         (["report", "tiny"], "no finished runs of tiny"),
     ],
 )
@@ -126,11 +126,11 @@ def test_cli_errors(tiny_table, capsys, argv, message):
 
 def test_row_on_an_unavailable_dataset(tiny_table, capsys):
     (spec_module.TABLE_DIR / "far.yaml").write_text(
-        TINY.replace("dataset: digits", "dataset: stl10")
+        TINY.replace("dataset: digits", "dataset: svhn")
     )
     assert main(["reproduce", "far", "--out", str(tiny_table)]) == 2
     err = capsys.readouterr().err
-    assert "on dataset 'stl10', which is not available" in err and "cifar10" in err
+    assert "on dataset 'svhn', which is not available" in err and "cifar10" in err
 
 
 def test_model_recipe_and_test_subset_overrides(tiny_table):

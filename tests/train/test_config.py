@@ -59,7 +59,7 @@ def test_config_round_trips_through_yaml():
         (lambda: resolve_config("ham", schedule="step"), ["multistep", "cosine", "constant"]),
         (lambda: resolve_config("ham", model="resnet21"), ["resnet20", "resnet56"]),
         (lambda: resolve_config("ham", attention="hamm"), ["cbam", "eca", "ham", "se"]),
-        (lambda: resolve_config("ham", dataset="imagenet"), ["cifar10", "cifar100", "digits"]),
+        (lambda: resolve_config("ham", dataset="imagenet1k"), ["cifar10", "cifar100", "digits"]),
     ],
     ids=["recipe", "recipe-direct", "schedule", "model", "attention", "dataset"],
 )

@@ -1,0 +1,77 @@
+"""What the training loop needs from a dataset and from its loaders.
+
+Two kinds of dataset implement ``Dataset``:
+
+- ``ImageDataset`` (``datasets.py``): the whole split as uint8 arrays in memory (digits,
+  CIFAR, STL-10), batched by ``InMemoryLoader`` (``loader.py``).
+- ``FolderDataset`` (``folder.py``): ImageNet-style class folders of image files, decoded
+  and augmented by ``torch.utils.data.DataLoader`` workers inside ``FolderLoader``.
+
+Both loaders share the ``Loader`` interface, so ``attnzoo/train/engine.py`` does not know
+which one it drives: exact resume, data-parallel sharding and channels_last work the same.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class LoaderSettings:
+    """How to batch a dataset: the training-config values that the loaders need."""
+
+    batch_size: int
+    test_batch_size: int
+    seed: int = 0
+    train_subset: int | None = None  # first N training images only (smoke runs)
+    test_subset: int | None = None  # first N test images only
+    channels_last: bool = False
+    rank: int = 0  # this process's place in a data-parallel run
+    world_size: int = 1
+    workers: int = 0  # decoding processes (folder datasets; in-memory data needs none)
+    image_size: int | None = None  # crop side (folder datasets; None: the dataset's default)
+
+
+class Loader(Protocol):
+    """One split, batched: iteration yields normalised float ``(x, y)`` for this process.
+
+    ``len()`` is the number of (global) batches per epoch, ``num_samples`` the images in the
+    split (all processes together). ``state_dict()`` has at least ``"position"`` (batches of
+    the current epoch already handed out, 0 between epochs) and holds tensors and ints only;
+    ``load_state_dict()`` makes the next ``iter()`` continue exactly there. ``generator`` is
+    the seeded ``torch.Generator`` that draws the epochs' orders.
+    """
+
+    generator: torch.Generator
+    rank: int
+    world_size: int
+    channels_last: bool
+
+    def __len__(self) -> int: ...
+
+    @property
+    def num_samples(self) -> int: ...
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class Dataset(Protocol):
+    """A named dataset that knows its shape and how to make its training and test loaders."""
+
+    name: str
+    num_classes: int
+    mean: tuple[float, float, float]  # per channel, of images in [0, 1]
+    std: tuple[float, float, float]
+
+    @property
+    def image_size(self) -> tuple[int, int]: ...
+
+    def make_loaders(self, settings: LoaderSettings) -> tuple[Loader, Loader]: ...
