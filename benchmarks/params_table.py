@@ -2,6 +2,12 @@
 
     python benchmarks/params_table.py > docs/params.md
     python benchmarks/params_table.py ham_table4 gam_table1     # some tables only
+    python benchmarks/params_table.py --no-macs                 # parameters only, fast
+
+The last section, "Differences over 0.5%, explained", renders the ``params_notes`` of the
+specs (see attnzoo/experiments/spec.py): for each note, its rows (paper, ours, diff) and
+the text; a flagged row that no note covers is listed there as not explained yet. Each
+note's id is shown beside its rows' diff in the tables.
 
 Each row is built exactly as its spec in attnzoo/experiments/<table>.yaml says (model,
 attention, options, classes, input size) and counted with attnzoo.measure: parameters,
@@ -21,12 +27,13 @@ import torch
 
 from attnzoo import create_model
 from attnzoo.experiments import list_tables, load_table
+from attnzoo.experiments.spec import params_notes
 from attnzoo.measure import count_flops, count_params
 
 DIFF_NOTE = 0.5  # percent: differences above this are flagged for explanation
 
 
-def row_counts(row) -> tuple[int, int]:
+def row_counts(row, macs: bool = True) -> tuple[int, int | None]:
     model = create_model(
         row.model,
         num_classes=row.num_classes,
@@ -34,6 +41,8 @@ def row_counts(row) -> tuple[int, int]:
         attention_kwargs=row.attention_kwargs,
         **row.model_kwargs,
     )
+    if not macs:
+        return count_params(model), None
     x = torch.randn(1, 3, row.input_size, row.input_size)
     return count_params(model), count_flops(model, x) // 2
 
@@ -42,7 +51,20 @@ def fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def table_markdown(key: str) -> str:
+def compare(params: int, pm: float | None) -> tuple[str, bool]:
+    """The diff cell (without note ids) and whether it is flagged (``**``)."""
+    if not pm:
+        return "-", False
+    d = 100 * (params / 1e6 - pm) / pm
+    ours = params / 1e6
+    # The papers print two decimals, truncated (HAM) or rounded: either counts.
+    same = abs(math.floor(ours * 100 + 1e-9) / 100 - pm) < 1e-9 or abs(round(ours, 2) - pm) < 1e-9
+    flagged = not same and abs(d) > DIFF_NOTE
+    return f"{d:+.2f}%" + (" (=)" if same else " **" if flagged else ""), flagged
+
+
+def table_markdown(key: str, macs: bool = True) -> tuple[str, list[dict]]:
+    """The table's markdown, and one record per row (for the explained-differences section)."""
     table = load_table(key)
     lines = [
         f"## {table.paper}, {table.table}",
@@ -52,20 +74,25 @@ def table_markdown(key: str) -> str:
         "| row | model, options | params (M) | paper (M) | diff | MACs (G) | 2 x MACs (G) | paper GFLOPs | param MiB | paper Memory(M) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+    records = []
     for row in table.rows:
-        params, macs = row_counts(row)
+        params, n_macs = row_counts(row, macs)
         paper = row.paper
         pm = paper.get("params_m")
-        diff = "-"
-        if pm:
-            d = 100 * (params / 1e6 - pm) / pm
-            ours = params / 1e6
-            # The papers print two decimals, truncated (HAM) or rounded: either counts.
-            same = (
-                abs(math.floor(ours * 100 + 1e-9) / 100 - pm) < 1e-9
-                or abs(round(ours, 2) - pm) < 1e-9
-            )
-            diff = f"{d:+.2f}%" + (" (=)" if same else " **" if abs(d) > DIFF_NOTE else "")
+        diff, flagged = compare(params, pm)
+        ids = table.notes_for(row.name)
+        records.append(
+            {
+                "table": table,
+                "row": row,
+                "params": params,
+                "diff": diff,
+                "flagged": flagged,
+                "notes": ids,
+            }
+        )
+        if ids:
+            diff += " [" + ", ".join(ids) + "]"
         opts = [row.model, f"{row.num_classes} classes", f"{row.input_size}px"]
         if row.attention:
             opts.append(
@@ -73,17 +100,63 @@ def table_markdown(key: str) -> str:
             )
         if row.model_kwargs:
             opts.append(", ".join(f"{k}={v}" for k, v in row.model_kwargs.items()))
+        mac_cells = (
+            f"{n_macs / 1e9:.3f} | {2 * n_macs / 1e9:.3f}" if n_macs is not None else "- | -"
+        )
         lines.append(
             f"| {row.name} | {'; '.join(opts)} | {params / 1e6:.3f} | {fmt(pm, '.2f')} | {diff} "
-            f"| {macs / 1e9:.3f} | {2 * macs / 1e9:.3f} | {fmt(paper.get('gflops'), '.2f')} "
+            f"| {mac_cells} | {fmt(paper.get('gflops'), '.2f')} "
             f"| {params * 4 / 2**20:.2f} | {fmt(paper.get('memory_mib'), '.2f')} |"
         )
+    if table.params_notes:
+        ids = ", ".join(f"[{i}]" for i in dict.fromkeys(n.id for n in table.params_notes))
+        lines += ["", f"Parameter differences of this table: {ids}, explained at the end."]
+    return "\n".join(lines), records
+
+
+def explained_markdown(keys: list[str], records: list[dict]) -> str:
+    """The "Differences over 0.5%, explained" section: every note of the tables ``keys``."""
+    notes = params_notes(keys)
+    lines = [
+        "## Differences over 0.5%, explained",
+        "",
+        "Each note gives the rows (from every table above that lists them), the paper's number, "
+        "ours, then what the paper's numbers fit, or the arithmetic showing that nothing does. "
+        "Paper parameter counts from Memory(M) are MiB x 2^20 / 4, +-0.005 MiB of rounding. "
+        "Notes are the `params_notes` of the specs.",
+    ]
+    for note_id, note in notes.items():
+        lines += [
+            "",
+            f"### [{note_id}] {note.title}",
+            "",
+            "| table | row | paper (M) | paper Memory(M) | ours | ours MiB | diff |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for r in records:
+            if note_id in r["notes"]:
+                paper = r["row"].paper
+                lines.append(
+                    f"| {r['table'].paper.split(' (')[0]} {r['table'].table} | {r['row'].name} "
+                    f"| {fmt(paper.get('params_m'), '.2f')} | {fmt(paper.get('memory_mib'), '.2f')} "
+                    f"| {r['params']:,} | {r['params'] * 4 / 2**20:.2f} | {r['diff']} |"
+                )
+        lines += ["", note.text]
+    unexplained = [r for r in records if r["flagged"] and not r["notes"]]
+    if unexplained:
+        lines += ["", "### Not explained yet", ""]
+        lines += [
+            f"- {r['table'].paper.split(' (')[0]} {r['table'].table}, {r['row'].name}: "
+            f"paper {r['row'].paper['params_m']:.2f}M, ours {r['params']:,} ({r['diff']})"
+            for r in unexplained
+        ]
     return "\n".join(lines)
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("tables", nargs="*", help=f"default: all of {', '.join(list_tables())}")
+    p.add_argument("--no-macs", action="store_true", help="count parameters only (fast)")
     args = p.parse_args()
     keys = args.tables or list_tables()
     start = time.perf_counter()
@@ -96,12 +169,19 @@ def main() -> int:
         f"{DIFF_NOTE}%. MACs are multiply-accumulates of one forward pass on one image "
         "(torch.utils.flop_counter, conv/linear/matmul/attention products; elementwise ops "
         "not counted). HAM's GFLOPs column equals 2 x MACs; GAM's equals MACs. "
-        "Memory(M) in the HAM tables is parameters x 4 bytes in MiB.",
+        "Memory(M) in the HAM tables is parameters x 4 bytes in MiB. A `[note]` after a diff "
+        'names the note of the last section, "Differences over 0.5%, explained", that covers '
+        "the row.",
         "",
     ]
+    records: list[dict] = []
     for key in keys:
-        out.append(table_markdown(key))
+        text, table_records = table_markdown(key, macs=not args.no_macs)
+        records += table_records
+        out.append(text)
         out.append("")
+    out.append(explained_markdown(keys, records))
+    out.append("")
     out.append(f"Generated in {time.perf_counter() - start:.0f} s, torch {torch.__version__}.")
     print("\n".join(out))
     return 0

@@ -21,6 +21,21 @@ Row keys: ``name``, ``model``, optional ``attention``, ``attention_kwargs``,
 prints, in the paper's units: ``params_m`` (millions), ``gflops`` (the paper's own
 FLOPs column, whatever it counts), ``memory_mib``, and per-dataset ``top1_err`` /
 ``top5_err`` / ``top1_acc`` in percent.
+
+A table may also explain where our parameter counts differ from the paper's
+(``benchmarks/params_table.py`` renders these in docs/params.md)::
+
+    params_notes:
+      - id: rcca                      # short label, shown beside the rows' diff
+        title: RCCA rows              # given once, with the text
+        rows: [ResNet20 + RCCA(R=2), ResNet32 + RCCA(R=2)]
+        text: >-
+          What the paper's numbers fit, ours, and the arithmetic.
+      - id: rcca                      # another table's rows under the same note:
+        rows: [ResNet56 + RCCA (R=2)] # same id, no title/text (see params_notes())
+
+``rows`` must name rows of the same table. Across all tables every ``id`` has its
+``title`` and ``text`` in exactly one entry.
 """
 
 from __future__ import annotations
@@ -48,6 +63,7 @@ ROW_KEYS = {
 }
 SHARED_KEYS = {"dataset", "num_classes", "input_size", "recipe"}
 PAPER_KEYS = {"params_m", "gflops", "memory_mib", "top1_err", "top5_err", "top1_acc"}
+NOTE_KEYS = {"id", "title", "rows", "text"}
 
 
 @dataclass(frozen=True)
@@ -66,6 +82,17 @@ class Row:
 
 
 @dataclass(frozen=True)
+class ParamsNote:
+    """Why the parameter counts of ``rows`` differ from the paper's (``text`` may live in
+    another table's entry with the same ``id``)."""
+
+    id: str
+    rows: tuple[str, ...]
+    title: str = ""
+    text: str = ""
+
+
+@dataclass(frozen=True)
 class Table:
     key: str
     paper: str
@@ -73,6 +100,11 @@ class Table:
     table: str
     caption: str
     rows: list[Row] = field(default_factory=list)
+    params_notes: list[ParamsNote] = field(default_factory=list)
+
+    def notes_for(self, row_name: str) -> list[str]:
+        """The ids of the params notes that cover the row ``row_name``."""
+        return [n.id for n in self.params_notes if row_name in n.rows]
 
 
 def list_tables() -> list[str]:
@@ -116,6 +148,52 @@ def _row(key: str, i: int, raw: Any, defaults: dict) -> Row:
     )
 
 
+def _params_notes(key: str, raw: Any, row_names: list[str]) -> list[ParamsNote]:
+    where = f"table {key!r}, params_notes"
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise ValueError(f"{where}: expected a list of notes, got {raw!r}")
+    notes = []
+    for i, item in enumerate(raw):
+        here = f"{where}[{i}]"
+        if not isinstance(item, dict):
+            raise ValueError(f"{here}: expected a mapping, got {item!r}")
+        unknown = sorted(set(item) - NOTE_KEYS)
+        if unknown:
+            raise ValueError(f"{here}: unknown key(s) {unknown}; valid: {sorted(NOTE_KEYS)}")
+        note_id, rows = item.get("id"), item.get("rows")
+        if not isinstance(note_id, str) or not note_id.strip():
+            raise ValueError(f"{here}: needs an id (a non-empty string)")
+        if not isinstance(rows, list) or not rows or not all(isinstance(r, str) for r in rows):
+            raise ValueError(f"{here} ({note_id}): rows must be a non-empty list of row names")
+        missing = [r for r in rows if r not in row_names]
+        if missing:
+            raise ValueError(f"{here} ({note_id}): no such row(s) {missing} in this table")
+        title, text = str(item.get("title", "")).strip(), str(item.get("text", "")).strip()
+        if bool(title) != bool(text):
+            raise ValueError(f"{here} ({note_id}): give both title and text, or neither")
+        notes.append(ParamsNote(id=note_id, rows=tuple(rows), title=title, text=text))
+    return notes
+
+
+def params_notes(keys: list[str] | None = None) -> dict[str, ParamsNote]:
+    """Every params note id of the tables ``keys`` (default: all) -> the entry that holds its
+    title and text, looked up in all tables. Raises if an id has no text or two."""
+    defining: dict[str, ParamsNote] = {}
+    for key in list_tables():
+        for note in load_table(key).params_notes:
+            if note.text:
+                if note.id in defining:
+                    raise ValueError(f"params note {note.id!r} has its text twice (table {key!r})")
+                defining[note.id] = note
+    wanted = [n.id for k in (keys or list_tables()) for n in load_table(k).params_notes]
+    missing = sorted({i for i in wanted if i not in defining})
+    if missing:
+        raise ValueError(f"params note(s) {missing} have no title and text in any table")
+    return {i: defining[i] for i in dict.fromkeys(wanted)}
+
+
 def load_table(key: str) -> Table:
     """The table ``key`` (a file name in this folder without .yaml), validated."""
     if key not in list_tables():
@@ -127,11 +205,13 @@ def load_table(key: str) -> Table:
     rows = data.get("rows")
     if not isinstance(rows, list) or not rows:
         raise ValueError(f"table {key!r}: needs a non-empty list of rows")
+    table_rows = [_row(key, i, r, defaults) for i, r in enumerate(rows)]
     return Table(
         key=key,
         paper=str(data.get("paper", "")),
         source=str(data.get("source", "")),
         table=str(data.get("table", key)),
         caption=str(data.get("caption", "")),
-        rows=[_row(key, i, r, defaults) for i, r in enumerate(rows)],
+        rows=table_rows,
+        params_notes=_params_notes(key, data.get("params_notes"), [r.name for r in table_rows]),
     )

@@ -46,7 +46,9 @@ with 10 classes. GAM's Table 2 (ImageNet, its column rounds: ResNet-18 is 11.69M
 3.51M, about 5K more than torchvision's model; we cannot tell where the difference comes
 from. With 1000 classes: SE (r = 16, floor rule) adds 30,013, giving 3.53M as GAM lists;
 CBAM adds 31,713 (3.54M; GAM's row lost its numbers in our copy); BAM adds 61,320 in every
-block (3.57M) or 3,098 at the stage boundaries (3.51M), neither GAM's 3.54M.
+block (3.57M) or 3,098 at the stage boundaries (3.51M), neither GAM's 3.54M; one after each
+of the seven bottleneck sequences (16 ... 320 channels) adds 38,143, which gives 3.54M
+(docs/params.md, note [mobilenet_bam]).
 """
 
 from __future__ import annotations

@@ -49,7 +49,8 @@ resnet50 20,744,266 (20.73M); resnet101 39,736,394 (39.72M); wide_resnet18_2 43,
 (43.98M); resnext50_32x4d 20,216,138 (21.14M). ResNet-18 and -34 match when rounded to
 0.01M (not truncated: ResNet-34 would give 21.10M), and HAM's "Memory(M)" column, which is
 parameters x 4 bytes in MiB, confirms this setting (ResNet-18: 41.96; a 7x7 stem gives
-41.99). The other rows match no stem/shortcut setting. GAM's tables use torchvision's
+41.99). The other rows match no stem/shortcut setting (ResNeXt-50: no ResNeXt-50 32x4d
+has HAM's count, see docs/params.md, note [resnext50]). GAM's tables use torchvision's
 setting for ImageNet and ``stem="cifar"``, ``shortcut="B"`` with 100 classes for CIFAR-100
 (ResNet-50: 23,705,252, GAM: 23.71M). In GAM's tables the ABN rows match with
 ``map_kernel_size=3`` (21.61M, 43.58M) and the SE rows only with bias-free FC layers, which

@@ -77,3 +77,56 @@ def test_bad_specs(table_dir, text, message):
 def test_unknown_table_lists_the_valid_ones():
     with pytest.raises(ValueError, match="unknown table 'nope'; choose one of: .*ham_table4"):
         load_table("nope")
+
+
+def test_params_notes_resolve_and_cover_the_rcca_rows():
+    notes = spec_module.params_notes()
+    assert {"rcca", "resnext50", "resnet20", "mobilenet_bam"} <= set(notes)
+    assert all(n.title and n.text for n in notes.values())
+    table = load_table("ham_table6")
+    assert table.notes_for("ResNet101 + RCCA(R=2)") == ["rcca"]
+    assert table.notes_for("ResNet101") == []
+    # every RCCA row of the HAM tables is under the rcca note
+    for key in ("ham_table2", "ham_table4", "ham_table5", "ham_table6"):
+        t = load_table(key)
+        for row in t.rows:
+            if row.attention == "rcca":
+                assert "rcca" in t.notes_for(row.name), (key, row.name)
+
+
+ROW = "{name: a, model: resnet20, dataset: x, num_classes: 10, input_size: 32}"
+
+
+@pytest.mark.parametrize(
+    "notes,message",
+    [
+        ("params_notes: {id: x}", "expected a list of notes"),
+        ("params_notes: [x]", "expected a mapping"),
+        ("params_notes: [{id: x, rows: [a], colour: red}]", "unknown key"),
+        ("params_notes: [{rows: [a]}]", "needs an id"),
+        ("params_notes: [{id: x, rows: []}]", "non-empty list of row names"),
+        ("params_notes: [{id: x, rows: [b]}]", r"no such row\(s\) \['b'\]"),
+        ("params_notes: [{id: x, rows: [a], title: t}]", "both title and text"),
+    ],
+)
+def test_bad_params_notes(table_dir, notes, message):
+    (table_dir / "bad.yaml").write_text(f"rows: [{ROW}]\n{notes}\n")
+    with pytest.raises(ValueError, match=message):
+        load_table("bad")
+
+
+def test_params_note_text_is_given_exactly_once(table_dir):
+    (table_dir / "one.yaml").write_text(
+        f"rows: [{ROW}]\nparams_notes: [{{id: x, rows: [a], title: T, text: why}}]\n"
+    )
+    (table_dir / "two.yaml").write_text(f"rows: [{ROW}]\nparams_notes: [{{id: x, rows: [a]}}]\n")
+    notes = spec_module.params_notes(["two"])
+    assert list(notes) == ["x"] and notes["x"].text == "why"
+    (table_dir / "three.yaml").write_text(f"rows: [{ROW}]\nparams_notes: [{{id: y, rows: [a]}}]\n")
+    with pytest.raises(ValueError, match=r"\['y'\] have no title and text"):
+        spec_module.params_notes(["three"])
+    (table_dir / "four.yaml").write_text(
+        f"rows: [{ROW}]\nparams_notes: [{{id: x, rows: [a], title: T, text: again}}]\n"
+    )
+    with pytest.raises(ValueError, match="'x' has its text twice"):
+        spec_module.params_notes()
