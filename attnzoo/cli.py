@@ -130,8 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--json", action="store_true", help="print JSON")
 
     b = sub.add_parser("bench", help="training-step time of a model with each attention")
-    b.add_argument("--model", default="resnet56", help="model name (default resnet56)")
-    b.add_argument("--attentions", nargs="+", default=["none", "se", "eca", "cbam", "ham"])
+    b.add_argument("--model", help="model name (default resnet56; resnet20 with --sweep)")
+    b.add_argument("--attentions", nargs="+", help="default: none se eca cbam ham")
     b.add_argument(
         "--modes",
         nargs="+",
@@ -142,10 +142,19 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--num-classes", type=int, default=10)
     b.add_argument("--input-size", type=int, default=32)
     b.add_argument("--batch-size", type=int, default=128)
-    b.add_argument("--repeats", type=int, default=10)
-    b.add_argument("--warmup", type=int, default=2)
+    b.add_argument("--repeats", type=int, help="timed steps per case (default 10; sweep 3)")
+    b.add_argument("--warmup", type=int, help="untimed steps per case (default 2; sweep 1)")
     b.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     b.add_argument("--json", action="store_true", help="print JSON")
+    b.add_argument("--timm", action="store_true", help="also time timm's se/eca/cbam, same weights")
+    b.add_argument("--efficiency", action="store_true", help="achieved FLOP/s vs fp32 matmul")
+    b.add_argument("--matmul-size", type=int, default=2048, help="n of the n x n reference mm")
+    b.add_argument("--sweep", action="store_true", help="step time over batch and input sizes")
+    b.add_argument("--batch-sizes", nargs="+", type=int, default=[8, 32], help="sweep batches")
+    b.add_argument("--input-sizes", nargs="+", type=int, default=[32, 64, 96, 224])
+    b.add_argument("--max-step-s", type=float, default=30.0, help="sweep: skip predicted-slower")
+    b.add_argument("--memory-gib", type=float, default=8.0, help="sweep: memory cap per size")
+    b.add_argument("--plot", metavar="PNG", help="sweep: write ratio vs H*W to this file")
 
     rp = sub.add_parser(
         "reproduce", help="train the rows of a paper table, several seeds (restartable)"
@@ -392,8 +401,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
     from .measure.bench import bench, check_modes, format_bench
+    from .measure.efficiency import efficiency, format_efficiency
+    from .measure.sweep import SWEEP_ATTENTIONS, format_sweep, plot_sweep, sweep
     from .registry import check_attention, list_models
 
+    if args.sweep and (args.timm or args.efficiency):
+        raise ValueError("--sweep cannot be combined with --timm or --efficiency")
+    args.model = args.model or ("resnet20" if args.sweep else "resnet56")
+    args.attentions = args.attentions or (
+        list(SWEEP_ATTENTIONS) if args.sweep else ["none", "se", "eca", "cbam", "ham"]
+    )
+    if args.repeats is None:
+        args.repeats = 3 if args.sweep else 10
+    if args.warmup is None:
+        args.warmup = 1 if args.sweep else 2
     if args.model not in list_models():
         raise ValueError(f"unknown model {args.model!r}; choose one of: {', '.join(list_models())}")
     for name in args.attentions:
@@ -403,18 +424,52 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    result = bench(
-        args.model,
-        args.attentions,
-        args.modes,
-        batch_size=args.batch_size,
-        input_size=args.input_size,
+    common = dict(
         num_classes=args.num_classes,
         repeats=args.repeats,
         warmup=args.warmup,
         model_kwargs=parse_mapping("--model-kwargs", args.model_kwargs),
     )
-    print(json.dumps(result, indent=2) if args.json else format_bench(result))
+    if args.sweep or args.efficiency:
+        if len(args.modes) != 1:
+            raise ValueError("--sweep and --efficiency take one mode")
+    if args.sweep:
+        result = sweep(
+            args.model,
+            args.attentions,
+            args.batch_sizes,
+            args.input_sizes,
+            args.modes[0],
+            max_step_s=args.max_step_s if args.max_step_s > 0 else None,
+            memory_gib=args.memory_gib if args.memory_gib > 0 else None,
+            **common,
+        )
+        if args.plot:
+            plot_sweep(result, args.plot)
+        text = format_sweep(result)
+    elif args.efficiency:
+        result = efficiency(
+            args.model,
+            args.attentions,
+            args.modes[0],
+            args.batch_size,
+            args.input_size,
+            matmul_size=args.matmul_size,
+            **common,
+        )
+        text = format_efficiency(result)
+    else:
+        result = bench(
+            args.model,
+            args.attentions,
+            args.modes,
+            batch_size=args.batch_size,
+            input_size=args.input_size,
+            timm=args.timm,
+            **common,
+        )
+        text = format_bench(result)
+    print(json.dumps(result, indent=2) if args.json else text)
     return 0
 
 

@@ -14,6 +14,11 @@ Modes:
 - ``bf16``: channels_last under ``torch.autocast(dtype=bfloat16)``.
 - ``compiled``: channels_last, fp32, the model wrapped in ``torch.compile``; the compile
   time (first steps) is reported separately and not in the median.
+
+With ``timm=True`` every attention that timm also implements (se, eca, cbam) is timed a
+second time with timm's layer in its place, same weights (``timm_compare.py``; the outputs
+are checked equal before timing), and the table gains "ours / timm", our step time over
+timm's in the same mode. Attentions timm lacks are timed once, as usual.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import torch
 
 from ..registry import NO_ATTENTION, create_model
 from ..train.loss import training_loss
+from .timm_compare import TIMM_ATTENTIONS, require_timm, swap_in_timm
 
 MODES = ("eager", "channels_last", "bf16", "compiled")
 
@@ -45,13 +51,22 @@ def make_step(
     size: int,
     classes: int,
     model_kwargs: dict | None = None,
+    impl: str = "ours",
+    check: dict | None = None,
 ):
-    """A closure running one SGD training step, and the model's parameter count."""
+    """A closure running one SGD training step, and the model's parameter count.
+
+    ``impl="timm"`` replaces our attention modules by timm's with the same weights; the
+    equality check's result goes into ``check`` when given."""
     torch.manual_seed(0)
     attention = None if attention in NO_ATTENTION else attention
     model = create_model(
         model_name, num_classes=classes, attention=attention, **(model_kwargs or {})
     )
+    if impl == "timm":
+        model, report = swap_in_timm(model, attention, input_size=size)
+        if check is not None:
+            check.update(report)
     params = sum(p.numel() for p in model.parameters())
     fmt = torch.contiguous_format if mode == "eager" else torch.channels_last
     model = model.to(memory_format=fmt).train()
@@ -83,46 +98,67 @@ def bench(
     repeats: int = 10,
     warmup: int = 2,
     model_kwargs: dict | None = None,
+    timm: bool = False,
 ) -> dict[str, Any]:
     """Time every (attention, mode) case; see the module docstring."""
     check_modes(modes)
     if min(batch_size, input_size, num_classes, repeats) < 1 or warmup < 0:
         raise ValueError("batch_size, input_size, num_classes and repeats must be positive")
-    cases = [(a, m) for a in attentions for m in modes]
+    if timm:
+        require_timm()
+    cases = []
+    for a in attentions:
+        for m in modes:
+            cases.append((a, "ours", m))
+            if timm and a in TIMM_ATTENTIONS:
+                cases.append((a, "timm", m))
     steps, params, setup = {}, {}, {}
+    checks: dict[str, dict] = {}
     for case in cases:
-        steps[case], params[case[0]] = make_step(
-            model, case[0], case[1], batch_size, input_size, num_classes, model_kwargs
+        a, impl, m = case
+        steps[case], params[(a, impl)] = make_step(
+            model,
+            a,
+            m,
+            batch_size,
+            input_size,
+            num_classes,
+            model_kwargs,
+            impl=impl,
+            check=checks.setdefault(a, {}) if impl == "timm" else None,
         )
     for case, step in steps.items():
         t0 = time.perf_counter()
-        for _ in range(max(warmup, 1 if case[1] == "compiled" else 0)):
+        for _ in range(max(warmup, 1 if case[2] == "compiled" else 0)):
             step()
         setup[case] = time.perf_counter() - t0
-    times: dict[tuple[str, str], list[float]] = {c: [] for c in cases}
+    times: dict[tuple[str, str, str], list[float]] = {c: [] for c in cases}
     for _ in range(repeats):
         for case, step in steps.items():
             t0 = time.perf_counter()
             step()
             times[case].append(time.perf_counter() - t0)
+    median = {c: statistics.median(t) for c, t in times.items()}
     rows = []
-    for a, m in cases:
-        t = statistics.median(times[(a, m)])
-        base = statistics.median(times[("none", m)]) if ("none", m) in times else None
-        first = statistics.median(times[(a, modes[0])])
-        rows.append(
-            {
-                "attention": a,
-                "mode": m,
-                "params": params[a],
-                "step_ms": 1000 * t,
-                "images_per_s": batch_size / t,
-                "vs_plain": t / base if base else None,
-                "vs_first_mode": t / first,
-                "warmup_s": setup[(a, m)],
-            }
-        )
-    return {
+    for a, impl, m in cases:
+        t = median[(a, impl, m)]
+        base = median.get(("none", "ours", m))
+        row = {
+            "attention": a,
+            "mode": m,
+            "params": params[(a, impl)],
+            "step_ms": 1000 * t,
+            "images_per_s": batch_size / t,
+            "vs_plain": t / base if base else None,
+            "vs_first_mode": t / median[(a, impl, modes[0])],
+            "warmup_s": setup[(a, impl, m)],
+        }
+        if timm:
+            row["impl"] = impl
+            # ours / timm, on the timm row (ours is the row just above it).
+            row["ours_over_timm"] = median[(a, "ours", m)] / t if impl == "timm" else None
+        rows.append(row)
+    result = {
         "settings": {
             "model": model,
             "batch_size": batch_size,
@@ -134,26 +170,51 @@ def bench(
         },
         "rows": rows,
     }
+    if timm:
+        import timm as timm_package
+
+        result["settings"]["timm"] = timm_package.__version__
+        result["timm_check"] = checks
+    return result
 
 
 def format_bench(result: dict[str, Any]) -> str:
     st = result["settings"]
-    plain = {r["mode"]: r["params"] for r in result["rows"] if r["attention"] == "none"}
+    rows = result["rows"]
+    timm = "timm_check" in result
+    plain = {r["mode"]: r["params"] for r in rows if r["attention"] == "none"}
     lines = [
         f"{st['model']}, training step, batch {st['batch_size']}, "
-        f"{st['input_size']}x{st['input_size']}, {st['threads']} threads, torch {st['torch']}, "
-        f"median of {st['repeats']} (round-robin)",
+        f"{st['input_size']}x{st['input_size']}, {st['threads']} threads, torch {st['torch']}"
+        + (f", timm {st['timm']}" if timm else "")
+        + f", median of {st['repeats']} (round-robin)",
         "| attention | mode | params | delta | step ms | images/s | vs no attention "
-        "| vs first mode | warm-up s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| vs first mode | warm-up s |" + (" ours / timm |" if timm else ""),
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if timm else ""),
     ]
-    for r in result["rows"]:
+    for r in rows:
         base = plain.get(r["mode"])
         delta = f"{r['params'] - base:+,}" if base is not None else "-"
         vs_plain = f"{r['vs_plain']:.2f}x" if r["vs_plain"] else "-"
-        lines.append(
-            f"| {r['attention']} | {r['mode']} | {r['params']:,} | {delta} | {r['step_ms']:.1f} "
+        name = r["attention"] + (" (timm)" if r.get("impl") == "timm" else "")
+        line = (
+            f"| {name} | {r['mode']} | {r['params']:,} | {delta} | {r['step_ms']:.1f} "
             f"| {r['images_per_s']:.0f} | {vs_plain} | {r['vs_first_mode']:.2f}x "
             f"| {r['warmup_s']:.1f} |"
+        )
+        if timm:
+            ratio = r["ours_over_timm"]
+            line += f" {ratio:.2f}x |" if ratio is not None else " - |"
+        lines.append(line)
+    if timm:
+        checks = "; ".join(
+            f"{a}: {c['modules']} modules, outputs {c['output_max_abs_diff']:.1e}, "
+            f"gradients {c['grad_max_abs_diff']:.1e}"
+            for a, c in result["timm_check"].items()
+        )
+        lines.append("")
+        lines.append(
+            "timm layers carry our weights; max |ours - timm| checked before timing "
+            f"(random inputs, train and eval mode): {checks}."
         )
     return "\n".join(lines)

@@ -79,10 +79,25 @@ _EXTRA_FLOP_FORMULAS = {
 }
 
 
+class _TotalOnly:
+    """Stands in for FlopCounterMode's per-module tracker: we read the total only, and the
+    tracker's backward hooks fail inside a custom autograd node whose backward calls
+    ``torch.autograd.grad`` (the fused gates, ``attention/layers.py: pooled_gate``)."""
+
+    parents = {"Global"}
+
+    def __enter__(self) -> _TotalOnly:
+        return self
+
+    def __exit__(self, *args: object) -> None:
+        return None
+
+
 def count_flops(model: torch.nn.Module, x: torch.Tensor, train: bool = False) -> int:
     """FLOPs (2 x MACs) of a forward pass, or of forward + backward when ``train``."""
     model.train(train)
     counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS)
+    counter.mod_tracker = _TotalOnly()
     with counter:
         if train:
             out = model(x)
