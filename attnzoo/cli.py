@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--num-classes", type=int, default=10)
     b.add_argument("--input-size", type=int, default=32)
     b.add_argument("--batch-size", type=int, default=128)
-    b.add_argument("--repeats", type=int, help="timed steps per case (default 10; sweep 3)")
+    b.add_argument("--repeats", type=int, help="timed steps per case (default 10; sweep 2)")
     b.add_argument("--warmup", type=int, help="untimed steps per case (default 2; sweep 1)")
     b.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     b.add_argument("--json", action="store_true", help="print JSON")
@@ -412,7 +412,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         list(SWEEP_ATTENTIONS) if args.sweep else ["none", "se", "eca", "cbam", "ham"]
     )
     if args.repeats is None:
-        args.repeats = 3 if args.sweep else 10
+        args.repeats = 2 if args.sweep else 10
     if args.warmup is None:
         args.warmup = 1 if args.sweep else 2
     if args.model not in list_models():

@@ -206,7 +206,7 @@ def format_bench(result: dict[str, Any]) -> str:
             ratio = r["ours_over_timm"]
             line += f" {ratio:.2f}x |" if ratio is not None else " - |"
         lines.append(line)
-    if timm:
+    if result.get("timm_check"):
         checks = "; ".join(
             f"{a}: {c['modules']} modules, outputs {c['output_max_abs_diff']:.1e}, "
             f"gradients {c['grad_max_abs_diff']:.1e}"

@@ -152,7 +152,7 @@ def sweep(
     batch_sizes: list[int] | tuple[int, ...] = (8, 32),
     input_sizes: list[int] | tuple[int, ...] = (32, 64, 96, 224),
     mode: str = "channels_last",
-    repeats: int = 3,
+    repeats: int = 2,
     warmup: int = 1,
     num_classes: int = 10,
     max_step_s: float | None = 30.0,
@@ -222,6 +222,7 @@ def sweep(
                     row["message"] = failed[a]
                 elif m is None:
                     row["predicted_s"] = predicted[a]
+                    row["predicted_vs_plain"] = predicted[a] / plain_s if plain_s else None
                 elif m["status"] != "ok":
                     row.update(status=m["status"], message=m["message"])
                     failed[a] = f"{m['status']} at {size}x{size}"
@@ -314,14 +315,25 @@ def plot_sweep(result: dict[str, Any], path: str) -> None:
                 for r in rows
                 if r["attention"] == a and r["vs_plain"] is not None
             ]
-            if pts:
-                xs, ys = zip(*pts, strict=True)
-                ax.plot(xs, ys, marker="o", label=a)
+            if not pts:
+                continue
+            xs, ys = zip(*pts, strict=True)
+            (line,) = ax.plot(xs, ys, marker="o", label=a)
+            guess = [
+                (r["positions"], r["predicted_vs_plain"])
+                for r in rows
+                if r["attention"] == a and r.get("predicted_vs_plain") is not None
+            ]
+            if guess:  # skipped points: the prediction, dashed and hollow, not a measurement
+                gx, gy = zip(*([pts[-1], *guess]), strict=True)
+                ax.plot(gx, gy, "--", marker="o", mfc="none", color=line.get_color(), alpha=0.6)
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("input H*W (positions of the first stage)")
         ax.set_ylabel("step time / plain step time")
-        ax.set_title(f"{st['model']}, batch {batch}, {st['threads']} threads")
+        ax.set_title(
+            f"{st['model']}, batch {batch}, {st['threads']} threads (dashed: predicted, skipped)"
+        )
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()

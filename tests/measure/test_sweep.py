@@ -51,6 +51,9 @@ def test_predicted_slow_points_are_skipped_and_say_so():
     plain16, se16 = [r for r in result["rows"] if r["input_size"] == 16]
     assert plain16["status"] == "ok"  # the baseline is always measured
     assert se16["status"] == "skipped" and se16["predicted_s"] > 0 and se16["step_ms"] is None
+    assert se16["predicted_vs_plain"] == pytest.approx(
+        se16["predicted_s"] / (plain16["step_ms"] / 1000)
+    )
     assert "skipped (predicted" in format_sweep(result)
 
 
