@@ -65,6 +65,7 @@ from .layers import (
     eca_kernel_size,
     global_max_pool,
     pooled_gate,
+    use_fused,
 )
 
 SPATIAL_CHOICES = ("ham", "cbam", None)
@@ -160,7 +161,7 @@ class HAMSpatialAttention(nn.Module):
         return torch.relu(self.bn(self.conv(conv_input(descriptors))))
 
     def forward(self, refined: torch.Tensor, channel_weights: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        if use_fused(refined, *self.parameters()):
             flat = channel_weights.flatten(1)
             order = flat.sort(dim=1, descending=True, stable=True).indices
             return _SeparatedSpatialGate.apply(refined, order, self, *self.parameters())
@@ -215,8 +216,11 @@ class _SeparatedSpatialGate(torch.autograd.Function):
             )  # (2N, 2, H, W): both groups in one batch through the shared conv and BN
             logits = module.logits(desc)
         maps = torch.sigmoid(logits.detach()).to(refined.dtype)
+        # where(mask, A_S,1, A_S,2) as A_S,2 + mask * (A_S,1 - A_S,2): one broadcast pass
+        # (``where`` with these broadcast shapes is several times slower here).
         weight = torch.empty_like(refined)
-        torch.where(mask.view(n, c, 1, 1), maps[:n], maps[n:], out=weight)
+        important = groups[:, :, :1].view(n, c, 1, 1)
+        torch.addcmul(maps[n:], important, maps[:n] - maps[n:], out=weight)
         ctx.module, ctx.params = module, params
         ctx.graph = (leaves, logits, channels, positive)
         ctx.save_for_backward(refined, weight, maps, groups)
@@ -227,21 +231,24 @@ class _SeparatedSpatialGate(torch.autograd.Function):
     def backward(ctx, grad_out):  # noqa: ANN001, ANN205
         refined, weight, maps, groups = ctx.saved_tensors
         leaves, logits, channels, positive = ctx.graph
-        ctx.graph = None
         n, c = refined.shape[:2]
         c_im = ctx.module.important
         params = [p for p in ctx.params if p.requires_grad]
         grad_maps = _group_sums(grad_out * refined, groups)  # d/d A_S,1 and A_S,2
         grad_logits = torch.cat([grad_maps[:, :1], grad_maps[:, 1:]], dim=0)
         grad_logits = (grad_logits * maps * (1 - maps)).to(logits.dtype)
-        grads = torch.autograd.grad(logits, leaves + params, grad_logits, allow_unused=True)
+        # retain_graph: the small inner graph lives as long as this node (retain_graph on the
+        # outer backward may call this again); it is freed with the node.
+        grads = torch.autograd.grad(
+            logits, leaves + params, grad_logits, allow_unused=True, retain_graph=True
+        )
         zeros = torch.zeros_like(leaves[0])
         g_avg1, g_max1, g_avg2, g_max2 = (zeros if g is None else g for g in grads[:4])
         grad = torch.empty_like(refined)
-        important = groups[:, :, :1].view(n, c, 1, 1).bool()
+        important = groups[:, :, :1].view(n, c, 1, 1)
         mean1, mean2 = (g_avg1 / c_im).to(grad.dtype), (g_avg2 / (c - c_im)).to(grad.dtype)
-        torch.where(important, mean1, mean2, out=grad)
-        torch.addcmul(grad, grad_out, weight, out=grad)
+        torch.addcmul(mean2, important, mean1 - mean2, out=grad)  # where(mask, mean1, mean2)
+        grad.addcmul_(grad_out, weight)
         for channel, g_max, keep in zip(channels, (g_max1, g_max2), positive, strict=True):
             grad.scatter_add_(1, channel, (g_max * keep).to(grad.dtype))
         by_param = dict(zip(map(id, params), grads[4:], strict=True))

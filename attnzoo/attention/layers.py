@@ -12,7 +12,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -178,7 +180,27 @@ class SingleSampleSafeBatchNorm1d(nn.BatchNorm1d):
 # scatter of the max term to the argmax positions.
 
 Branch = tuple  # (dims, use_max, transform): transform(mean, max_or_None) -> logits
-_POOL_SIZES = {(3,): "rows", (2,): "cols"}
+_PLAIN = [False]
+
+
+@contextlib.contextmanager
+def plain_gates() -> Iterator[None]:
+    """Inside, the fused gates run as plain autograd expressions (tests compare the two)."""
+    _PLAIN.append(True)
+    try:
+        yield
+    finally:
+        _PLAIN.pop()
+
+
+def use_fused(*tensors: torch.Tensor) -> bool:
+    """Whether a fused gate node applies: eager mode, autograd recording, no ``plain_gates``."""
+    return (
+        not _PLAIN[-1]
+        and torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+        and any(t.requires_grad for t in tensors)
+    )
 
 
 def _pool(
@@ -262,7 +284,6 @@ class _PooledGate(torch.autograd.Function):
     def backward(ctx, grad_out, _grad_weight):  # noqa: ANN001, ANN205
         x, weight, *gates = ctx.saved_tensors
         (leaves, logits), indices, branches = ctx.graph, ctx.indices, ctx.branches
-        ctx.graph = ctx.indices = None
         params = [p for p in ctx.params if p.requires_grad]
         # d out / d gate_b: the sum of grad * x over the dims gate_b is broadcast along.
         product = grad_out * x
@@ -273,7 +294,12 @@ class _PooledGate(torch.autograd.Function):
         ]
         del product
         inputs = [t for pooled in leaves for t in pooled] + params
-        grads = list(torch.autograd.grad(logits, inputs, grad_logits, allow_unused=True))
+        # retain_graph: the small inner graph lives as long as this node (retain_graph on the
+        # outer backward may call this again); it is freed with the node.
+        grads = torch.autograd.grad(
+            logits, inputs, grad_logits, allow_unused=True, retain_graph=True
+        )
+        grads = list(grads)
         pooled_grads, param_grads = (
             grads[: len(grads) - len(params)],
             grads[len(grads) - len(params) :],
@@ -330,7 +356,7 @@ def pooled_gate(
     ``torch.compile`` (whose compiler fuses the plain expression itself), it is the plain
     expression.
     """
-    if torch.compiler.is_compiling() or not torch.is_grad_enabled():
+    if not use_fused(x, *params):
         return _plain_gate(x, branches)
     if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
         x = x.contiguous()

@@ -25,6 +25,12 @@ Choices the paper leaves open, and ours:
   the official option of the same name).
 - The module has no parameter that depends on C; ``channels`` is taken for the common
   interface and checked against the input.
+
+Implementation: no tensor is rotated. Each branch pools F directly over its axis (W, H or
+C), the small pooled maps are transposed into the (rows, cols) layout above for the conv,
+and y = F * 1/3 (g1 + g2 + g3) with the three gates broadcast, all as one fused autograd
+node (``layers.pooled_gate``): the same values as the three-branch expression to float
+rounding, with one multiply over F instead of three.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ import torch
 from torch import nn
 
 from ..registry import register_attention
-from .layers import channel_max, check_input, conv_input
+from .layers import channel_max, check_input, conv_input, pooled_gate
 
 
 class ZPoolGate(nn.Module):
@@ -44,9 +50,12 @@ class ZPoolGate(nn.Module):
         self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
         self.bn = nn.BatchNorm2d(1)
 
+    def logits(self, max_: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+        """BN(conv([max; mean])) for pooled maps (N, 1, rows, cols)."""
+        return self.bn(self.conv(conv_input(torch.cat([max_, mean], dim=1))))
+
     def gate(self, x: torch.Tensor) -> torch.Tensor:
-        pooled = torch.cat([channel_max(x), x.mean(dim=1, keepdim=True)], dim=1)
-        return torch.sigmoid(self.bn(self.conv(conv_input(pooled))))
+        return torch.sigmoid(self.logits(channel_max(x), x.mean(dim=1, keepdim=True)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.gate(x)
@@ -70,9 +79,22 @@ class TripletAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.channels, "triplet")
-        # permute(0, 3, 2, 1) and permute(0, 2, 1, 3) are their own inverses.
-        out = self.channel_height(x.permute(0, 3, 2, 1)).permute(0, 3, 2, 1)
-        out = out + self.channel_width(x.permute(0, 2, 1, 3)).permute(0, 2, 1, 3)
-        if self.height_width is None:
-            return out / 2
-        return (out + self.height_width(x)) / 3
+        # (dims pooled, the permutation that lays the pooled map out as (rows, cols); both
+        # permutations are their own inverses, so they also map the logits back).
+        layout = [
+            ((3,), (0, 3, 2, 1), self.channel_height),
+            ((2,), (0, 2, 1, 3), self.channel_width),
+        ]
+        if self.height_width is not None:
+            layout.append(((1,), (0, 1, 2, 3), self.height_width))
+        branches = tuple((dims, True, _branch_logits(gate, perm)) for dims, perm, gate in layout)
+        return pooled_gate(x, branches, tuple(self.parameters()))[0]
+
+
+def _branch_logits(gate: ZPoolGate, perm: tuple[int, ...]):
+    """transform(mean, max) for ``pooled_gate``: the branch's logits in F's axes."""
+
+    def logits(mean: torch.Tensor, max_: torch.Tensor) -> torch.Tensor:
+        return gate.logits(max_.permute(perm), mean.permute(perm)).permute(perm)
+
+    return logits
