@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 EXIT_USAGE = 2
+COMPILE_FLAGS = {"auto": "auto", "on": True, "off": False}  # --compile -> TrainConfig.compile
 
 
 def parse_mapping(option: str, text: str | None) -> dict | None:
@@ -95,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         metavar="S",
         help="folder datasets (imagenet): crop side (default 224; val resizes to S*256/224)",
+    )
+    t.add_argument(
+        "--compile",
+        choices=sorted(COMPILE_FLAGS),
+        help="torch.compile the training step: auto (default: only if the run is long enough "
+        "to repay compiling), on or off",
     )
     t.add_argument(
         "--out", help="run directory (default runs/<model>-<attention>-<dataset>-s<seed>)"
@@ -278,6 +285,7 @@ def train_config(args: argparse.Namespace):
         sync_bn=args.sync_bn,
         workers=args.workers,
         image_size=args.image_size,
+        compile=COMPILE_FLAGS.get(args.compile),
     )
     out = args.out or Path("runs") / (
         f"{cfg.model}-{cfg.attention or 'none'}-{cfg.dataset}-s{cfg.seed}"

@@ -2,6 +2,17 @@
 
 Recipes live in ``attnzoo/recipes/<name>.yaml`` (or any YAML path) and hold the optimiser
 and schedule settings of a paper. A run writes the fully resolved config as config.yaml.
+
+The fast training path, per device (``fastpath.DEVICE_CHOICES``):
+
+| setting | CPU (what this project runs on) | CUDA (not measured here) |
+| --- | --- | --- |
+| ``channels_last`` | on: a ResNet-56 step takes 0.86x the NCHW time | on: NHWC suits cuDNN's tensor-core convolutions |
+| autocast | off: bf16 made the step 11.5x slower on this CPU (no bf16 units) | bf16 would be the choice; the engine has no autocast setting yet |
+| ``compile`` | ``"auto"``: on only when the planned steps repay the 1.5-4.5 min compile (the rule is in ``fastpath.py``) | ``"auto"``, same rule |
+
+``compile`` is ``"auto"``, ``true`` or ``false`` (CLI ``--compile auto|on|off``); the run's
+checkpoints record what ``auto`` chose, and ``--resume`` keeps that choice.
 """
 
 from __future__ import annotations
@@ -56,10 +67,16 @@ class TrainConfig:
     # (None: min(4, CPU cores); 0: in the training process) and the crop side (None: 224).
     workers: int | None = None
     image_size: int | None = None
+    # torch.compile the training step: "auto" (decided when the run starts, see the module
+    # docstring), true or false.
+    compile: str | bool = "auto"
 
     def validate(self) -> TrainConfig:
         from ..data.datasets import check_dataset
         from ..registry import check_attention, list_models
+        from .fastpath import check_compile
+
+        check_compile(self.compile)
 
         for name in ("model", "dataset", "recipe", "schedule"):
             if not isinstance(getattr(self, name), str):

@@ -73,6 +73,13 @@ from .distributed import (
     sum_values,
     wrap,
 )
+from .fastpath import (
+    MIN_COMPILED_STEPS,
+    compiled,
+    decide_compile,
+    estimated_step_seconds,
+    macs_per_image,
+)
 from .loss import main_logits, training_loss
 from .schedule import learning_rate
 
@@ -330,13 +337,29 @@ class Trainer:
             nesterov=cfg.nesterov and cfg.momentum > 0,
             weight_decay=cfg.weight_decay,
         )
-        self.train_model = wrap(self.model, ctx, cfg.sync_bn)  # DDP around it, or itself
+        self.eager_model = wrap(self.model, ctx, cfg.sync_bn)  # DDP around it, or itself
+        self.compiled, self.compile_reason = self._resolve_compile()
+        # state_dict() and evaluate() keep using the uncompiled self.model.
+        self.train_model = compiled(self.eager_model) if self.compiled else self.eager_model
         self.epoch = 0  # epochs finished
         self.step = 0
         self.progress: EpochProgress | None = None  # set when resuming inside an epoch
         self.metrics: list[dict[str, Any]] = []
         self.wall_time = 0.0
         self.saved: tuple[int, int] | None = None  # (epoch, step) of the last checkpoint
+
+    def _resolve_compile(self) -> tuple[bool, str]:
+        """``compile`` as true/false (fastpath.py has the rule for auto; every rank computes the
+        same answer). The checkpoint records it, and a resume keeps it."""
+        cfg = self.cfg
+        steps = cfg.epochs * len(self.train_loader)
+        step_seconds = 0.0
+        if cfg.compile == "auto" and steps >= MIN_COMPILED_STEPS:  # else no estimate needed
+            macs = macs_per_image(
+                self.model, getattr(self.model, "in_chans", 3), self.data.image_size
+            )
+            step_seconds = estimated_step_seconds(macs, cfg.batch_size, torch.get_num_threads())
+        return decide_compile(cfg.compile, steps, step_seconds)
 
     # ------------------------------------------------------------ state
     def state_dict(self, progress: EpochProgress | None = None) -> dict[str, Any]:
@@ -350,6 +373,7 @@ class Trainer:
             "rng": _rng_state(),
             "loader": self.train_loader.state_dict(),
             "progress": None if progress is None else progress.state(),
+            "compiled": self.compiled,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -371,6 +395,14 @@ class Trainer:
             position = self.train_loader.state_dict()["position"]
             if position != (self.progress.steps_done if self.progress else 0):
                 raise ValueError(f"loader position {position} disagrees with the epoch progress")
+            # An exact resume runs the same kind of step as before (checkpoints from before
+            # the compile setting: eager).
+            compiled_before = bool(state.get("compiled", False))
+            if compiled_before != self.compiled:
+                self.compiled, self.compile_reason = compiled_before, "as the run started"
+                self.train_model = (
+                    compiled(self.eager_model) if compiled_before else self.eager_model
+                )
         except (KeyError, RuntimeError, ValueError, TypeError, IndexError, AttributeError) as e:
             raise RunError(f"checkpoint does not match this run: {one_line(e)}") from e
         self.saved = (self.epoch, self.step)
@@ -678,6 +710,8 @@ def train(
             + (f", {ctx.world_size} processes" if ctx.active else "")
             + f" -> {out}"
         )
+        if trainer.compiled:
+            log(f"torch.compile ({trainer.compile_reason}); the first steps compile")
         with GracefulStop() as stop:
             return trainer.fit(log, stop)
 

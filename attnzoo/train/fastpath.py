@@ -1,0 +1,99 @@
+"""The fast training path: whether to ``torch.compile``, and what to pick per device.
+
+``TrainConfig.compile`` is ``"auto"`` (the default), ``True`` or ``False``. ``auto`` is
+resolved when a run starts, by ``decide_compile``; every checkpoint records the choice
+(``"compiled"``) and a resume keeps it, whatever the rule would say on the resuming machine
+(a resume is exact only if both halves ran the same kind of step; checkpoints from before
+the setting resume eagerly).
+
+The rule for ``auto``: compile when the whole run's planned optimizer steps repay the
+compile time with a conservative margin,
+
+    planned_steps >= MIN_COMPILED_STEPS  and
+    planned_steps * step_seconds * COMPILE_SAVING >= COMPILE_SECONDS
+
+with the measured numbers of this project's CPU (docs/performance.md, "torch.compile"):
+compiling a ResNet-56 took 84-271 s (``COMPILE_SECONDS`` = 300, above the worst) and saved
+4-20% of a training step (``COMPILE_SAVING`` = 0.04, the least). ``step_seconds`` is
+estimated without running anything: the model's forward multiply-accumulates per image
+(``torch.utils.flop_counter`` on one image) times 3 for forward + backward times the batch,
+over ``CPU_MACS_PER_SECOND_PER_THREAD`` times the torch threads (measured: a plain ResNet-56
+step at batch 128 runs at about 2.4e10 MAC/s on one thread). The estimate ignores the
+memory-bound elementwise work, so it errs low, which only makes ``auto`` compile less often.
+A 200-epoch CIFAR ResNet run (78,000 steps, about 1 s each) compiles; a digits run (a few
+hundred steps), a smoke run or a unit test does not.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+COMPILE_CHOICES = ("auto", True, False)
+COMPILE_SECONDS = 300.0
+COMPILE_SAVING = 0.04
+MIN_COMPILED_STEPS = 2_000
+CPU_MACS_PER_SECOND_PER_THREAD = 2.4e10
+
+# What the fast path picks on each device (the TrainConfig docstring has the reasons).
+DEVICE_CHOICES: dict[str, dict[str, Any]] = {
+    "cpu": {"channels_last": True, "autocast": None, "compile": "auto"},
+    "cuda": {"channels_last": True, "autocast": "bfloat16", "compile": "auto"},
+}
+
+
+def check_compile(value: Any) -> None:
+    if isinstance(value, bool) or value == "auto":
+        return
+    raise ValueError(f"compile must be 'auto', true or false, got {value!r}")
+
+
+def macs_per_image(model: nn.Module, in_chans: int, image_size: tuple[int, int]) -> int:
+    """Forward multiply-accumulates of one image (eval mode, so BN statistics stay put)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    try:
+        x = torch.zeros(1, in_chans, *image_size)
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(x)
+    finally:
+        model.train(was_training)
+    return counter.get_total_flops() // 2
+
+
+def estimated_step_seconds(macs: int, batch_size: int, threads: int) -> float:
+    """A low estimate of one CPU training step: 3x the forward MACs of the batch."""
+    return 3 * macs * batch_size / (CPU_MACS_PER_SECOND_PER_THREAD * max(threads, 1))
+
+
+def decide_compile(setting: Any, planned_steps: int, step_seconds: float) -> tuple[bool, str]:
+    """Resolve ``compile`` ('auto', True, False) for a run; returns (compile?, why)."""
+    check_compile(setting)
+    if setting is not True and setting is not False:
+        saved = planned_steps * step_seconds * COMPILE_SAVING
+        if planned_steps < MIN_COMPILED_STEPS:
+            return False, f"auto: {planned_steps} steps are too few to repay compiling"
+        if saved < COMPILE_SECONDS:
+            return False, (
+                f"auto: {planned_steps} steps x ~{step_seconds:.2g} s x {COMPILE_SAVING:.0%} "
+                f"would save ~{saved:.0f} s, less than compiling takes (~{COMPILE_SECONDS:.0f} s)"
+            )
+        return True, (
+            f"auto: {planned_steps} steps x ~{step_seconds:.2g} s x {COMPILE_SAVING:.0%} "
+            f"saves ~{saved:.0f} s, more than compiling takes (~{COMPILE_SECONDS:.0f} s)"
+        )
+    return setting, "compile on" if setting else "compile off"
+
+
+def planned_steps(epochs: int, steps_per_epoch: int) -> int:
+    return max(0, epochs) * max(0, steps_per_epoch)
+
+
+def compiled(model: nn.Module) -> nn.Module:
+    """``torch.compile`` for training. The caller keeps the uncompiled module for its
+    state_dict (the compiled wrapper's keys carry an ``_orig_mod.`` prefix)."""
+    return torch.compile(model)
