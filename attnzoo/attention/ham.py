@@ -234,7 +234,12 @@ class _SeparatedSpatialGate(torch.autograd.Function):
         n, c = refined.shape[:2]
         c_im = ctx.module.important
         params = [p for p in ctx.params if p.requires_grad]
-        grad_maps = _group_sums(grad_out * refined, groups)  # d/d A_S,1 and A_S,2
+        # grad * F' goes into the buffer that then receives the gradient (one allocation).
+        grad = torch.empty_like(refined)
+        if grad_out.dtype == refined.dtype:
+            grad_maps = _group_sums(torch.mul(grad_out, refined, out=grad), groups)
+        else:
+            grad_maps = _group_sums(grad_out * refined, groups)  # d/d A_S,1 and A_S,2
         grad_logits = torch.cat([grad_maps[:, :1], grad_maps[:, 1:]], dim=0)
         grad_logits = (grad_logits * maps * (1 - maps)).to(logits.dtype)
         # retain_graph: the small inner graph lives as long as this node (retain_graph on the
@@ -244,7 +249,6 @@ class _SeparatedSpatialGate(torch.autograd.Function):
         )
         zeros = torch.zeros_like(leaves[0])
         g_avg1, g_max1, g_avg2, g_max2 = (zeros if g is None else g for g in grads[:4])
-        grad = torch.empty_like(refined)
         important = groups[:, :, :1].view(n, c, 1, 1)
         mean1, mean2 = (g_avg1 / c_im).to(grad.dtype), (g_avg2 / (c - c_im)).to(grad.dtype)
         torch.addcmul(mean2, important, mean1 - mean2, out=grad)  # where(mask, mean1, mean2)

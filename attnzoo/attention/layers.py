@@ -250,11 +250,12 @@ def _average(gates: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     gate as it is)."""
     if len(gates) == 1:
         return gates[0]
+    scaled = [gate / len(gates) for gate in gates]  # small tensors: no full-size division
     weight = torch.empty_like(x)
-    torch.add(gates[0], gates[1], out=weight)
-    for gate in gates[2:]:
+    torch.add(scaled[0], scaled[1], out=weight)
+    for gate in scaled[2:]:
         weight.add_(gate)
-    return weight.div_(len(gates))
+    return weight
 
 
 class _PooledGate(torch.autograd.Function):
@@ -286,7 +287,11 @@ class _PooledGate(torch.autograd.Function):
         (leaves, logits), indices, branches = ctx.graph, ctx.indices, ctx.branches
         params = [p for p in ctx.params if p.requires_grad]
         # d out / d gate_b: the sum of grad * x over the dims gate_b is broadcast along.
-        product = grad_out * x
+        # grad * x goes into the buffer that then receives grad_x: one fresh full-size
+        # allocation instead of two (each costs page faults on this CPU).
+        buffer = torch.empty_like(x)
+        same = grad_out.dtype == x.dtype
+        product = torch.mul(grad_out, x, out=buffer) if same else grad_out * x
         scale = 1.0 / len(branches)
         grad_logits = [
             (product.sum(dim=dims, keepdim=True) * (gate * (1 - gate) * scale)).to(out.dtype)
@@ -313,7 +318,7 @@ class _PooledGate(torch.autograd.Function):
                 grad_max = pooled_grads.pop(0) if use_max else None
                 count = math.prod(x.shape[d] for d in dims)
                 terms.append((grad_mean, count, grad_max))
-            grad_x = torch.empty_like(x)
+            grad_x = buffer
             means = [(g / n).to(x.dtype) for g, n, _ in terms if g is not None]
             torch.addcmul(
                 means[0] if means else torch.zeros((), dtype=x.dtype), grad_out, weight, out=grad_x
