@@ -63,6 +63,7 @@ from .layers import (
     check_input,
     conv_input,
     eca_kernel_size,
+    gate_conv2d,
     global_max_pool,
     pooled_gate,
     use_fused,
@@ -158,7 +159,7 @@ class HAMSpatialAttention(nn.Module):
 
     def logits(self, descriptors: torch.Tensor) -> torch.Tensor:
         """relu(BN(conv(desc))) for the (2N, 2, H, W) stack of both groups' [avg; max]."""
-        return torch.relu(self.bn(self.conv(conv_input(descriptors))))
+        return torch.relu(self.bn(gate_conv2d(descriptors, self.conv)))
 
     def forward(self, refined: torch.Tensor, channel_weights: torch.Tensor) -> torch.Tensor:
         if use_fused(refined, *self.parameters()):

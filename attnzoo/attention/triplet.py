@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from ..registry import register_attention
-from .layers import channel_max, check_input, conv_input, pooled_gate
+from .layers import channel_max, check_input, gate_conv2d, pooled_gate
 
 
 class ZPoolGate(nn.Module):
@@ -52,7 +52,7 @@ class ZPoolGate(nn.Module):
 
     def logits(self, max_: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
         """BN(conv([max; mean])) for pooled maps (N, 1, rows, cols)."""
-        return self.bn(self.conv(conv_input(torch.cat([max_, mean], dim=1))))
+        return self.bn(gate_conv2d(torch.cat([max_, mean], dim=1), self.conv))
 
     def gate(self, x: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.logits(channel_max(x), x.mean(dim=1, keepdim=True)))

@@ -5,12 +5,13 @@ running statistics, in float64; plus finite-difference checks of the hand-writte
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
 import torch
 
-from attnzoo.attention.layers import plain_gates
+from attnzoo.attention.layers import BANDED_MIN_POSITIONS, _GateConv2d, gate_conv2d, plain_gates
 from attnzoo.registry import create_attention
 
 CASES = [
@@ -101,3 +102,54 @@ def test_plain_path_without_grad() -> None:
     b = module(x.requires_grad_())
     assert a.grad_fn is None and b.grad_fn is not None
     torch.testing.assert_close(a, b.detach())
+
+
+@pytest.mark.parametrize(
+    ("channels", "k", "size"), [(2, 7, (16, 16)), (1, 3, (16, 20)), (2, 5, (32, 8))]
+)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_banded_gate_conv_equals_conv2d(
+    channels: int, k: int, size: tuple, channels_last: bool
+) -> None:
+    """Maps of >= BANDED_MIN_POSITIONS positions take the banded-matmul conv."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(channels, 1, k, padding=k // 2, bias=False).double()
+    x = torch.randn(3, channels, *size, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    assert size[0] * size[1] >= BANDED_MIN_POSITIONS
+    grad = torch.randn(3, 1, *size, dtype=torch.float64)
+    results = []
+    for fused in (True, False):
+        conv.zero_grad()
+        xi = x.clone().requires_grad_()
+        with contextlib.nullcontext() if fused else plain_gates():
+            out = gate_conv2d(xi, conv)
+        assert ("_GateConv2d" in type(out.grad_fn).__name__) is fused
+        out.backward(grad)
+        results.append((out.detach(), xi.grad, conv.weight.grad.clone()))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    assert torch.autograd.gradcheck(
+        lambda a, w: _GateConv2d.apply(a, w),
+        (x[:1].clone().requires_grad_(), conv.weight.detach().clone().requires_grad_()),
+    )
+
+
+def test_spatial_gates_at_large_maps_equal_plain(randomize) -> None:
+    """CBAM, HAM and triplet at 16 x 16 (the banded conv) against the plain expressions."""
+    for name in ("cbam", "ham", "triplet"):
+        torch.manual_seed(0)
+        fused = randomize(create_attention(name, 16)).double().train()
+        plain = copy.deepcopy(fused)
+        x = torch.randn(2, 16, 16, 16, dtype=torch.float64).contiguous(
+            memory_format=torch.channels_last
+        )
+        grad = torch.randn_like(x)
+        got = run(fused, x, grad)
+        with plain_gates():
+            want = run(plain, x, grad)
+        torch.testing.assert_close(got[0], want[0], rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(got[1], want[1], rtol=1e-10, atol=1e-10)
+        for u, v in zip(got[2], want[2], strict=True):
+            torch.testing.assert_close(u, v, rtol=1e-9, atol=1e-9)
