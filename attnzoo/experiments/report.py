@@ -14,7 +14,8 @@ Numbers, per row:
   (the baseline) finished, the difference of their errors. Same seed means same
   initialisation stream and same batch order, so the differences cancel much of the
   seed-to-seed noise. Mean +- std of the differences; the verdict is "inside the noise"
-  when |mean| < 2 x its standard error (std / sqrt(n)).
+  when the 95% confidence interval of the mean difference (Student's t with n - 1 degrees
+  of freedom: 12.7 standard errors each side for 2 seeds, 4.3 for 3) contains 0.
 """
 
 from __future__ import annotations
@@ -83,12 +84,24 @@ def paired(baseline: RowResult, result: RowResult) -> dict[str, Any]:
         return {"n": 0, "mean": None, "std": None, "verdict": "no common seeds"}
     mean, std = _mean_std(diffs)
     if n < 2:
-        verdict = "one seed: no verdict"
-    elif abs(mean) < 2 * std / math.sqrt(n) or mean == 0:
+        return {"n": n, "mean": mean, "std": std, "ci95": None, "verdict": "one seed: no verdict"}
+    # A 95% confidence interval of the mean paired difference, with Student's t for n - 1
+    # degrees of freedom: with 3 seeds it is 4.3 standard errors wide on each side, not 2.
+    from scipy.stats import t as student_t
+
+    half = float(student_t.ppf(0.975, n - 1)) * std / math.sqrt(n)
+    if abs(mean) <= half or mean == 0:
         verdict = "inside the noise"
     else:
         verdict = "lower error than baseline" if mean < 0 else "higher error than baseline"
-    return {"n": n, "mean": mean, "std": std, "verdict": verdict}
+    verdict += f" (95% CI {mean - half:+.2f} to {mean + half:+.2f})"
+    return {
+        "n": n,
+        "mean": mean,
+        "std": std,
+        "ci95": (mean - half, mean + half),
+        "verdict": verdict,
+    }
 
 
 def _finished_run(path: Path) -> RunResult | None:
@@ -194,7 +207,11 @@ def render_markdown(
             used += f" of {r.recipe_epochs} ({100 * max(epochs) / r.recipe_epochs:.3g}%)"
         paper1 = paper_error(r.row.paper, "top1", r.dataset)
         converted |= paper1 is not None and r.dataset not in (r.row.paper.get("top1_err") or {})
-        cells = [r.row.name, str(len(r.runs)), r.dataset, _fmt(top1, std1)]
+        name = r.row.name
+        models = sorted({x.model for x in r.runs if x.model and x.model != r.row.model})
+        if models:  # reproduce --model: say which network actually ran
+            name += f" [run on {'/'.join(models)}]"
+        cells = [name, str(len(r.runs)), r.dataset, _fmt(top1, std1)]
         if show_top5:
             cells.append(_fmt(*_mean_std([x.top5 for x in r.runs])))
         cells += [used, _fmt(paper1), _fmt(None if paper1 is None else top1 - paper1, signed=True)]
@@ -217,7 +234,8 @@ def render_markdown(
         "Errors are the final epoch's test error, mean ± sample std over seeds; `diff` is ours "
         "minus the paper's, in points. The paired column is the mean ± std over seeds of "
         f'(row - {baseline.row.name}) for the seeds both finished; the verdict is "inside the '
-        'noise" when |mean| < 2 standard errors (std / sqrt(n)).'
+        "noise\" when the 95% confidence interval of that mean (Student's t, n - 1 degrees of "
+        "freedom) contains 0."
     ]
     if any(r.recipe_epochs and min(x.epochs for x in r.runs) < r.recipe_epochs for r in done):
         notes.append(

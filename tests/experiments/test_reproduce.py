@@ -94,8 +94,13 @@ def test_paired_verdicts():
         return RowResult(row, "r", runs)
 
     base = result([10.0, 12.0, 11.0])
-    assert paired(base, result([9.0, 11.1, 10.0]))["verdict"] == "lower error than baseline"
-    assert paired(base, result([10.5, 11.5, 11.0]))["verdict"] == "inside the noise"
+    lower = paired(base, result([9.0, 11.1, 10.0]))  # differences -1.0, -0.9, -1.0
+    assert lower["verdict"].startswith("lower error than baseline (95% CI -1.11 to -0.82)")
+    assert paired(base, result([10.5, 11.5, 11.0]))["verdict"].startswith("inside the noise")
+    # Differences -1, -2, -0.5: mean -1.17, std 0.76; 2 standard errors (0.88) would call it
+    # a gain, Student's t for 2 degrees of freedom (4.30 standard errors, 1.90) does not.
+    noisy = paired(base, result([9.0, 10.0, 10.5]))
+    assert noisy["verdict"].startswith("inside the noise") and noisy["ci95"][1] > 0
     assert paired(base, result([13.0]))["verdict"] == "one seed: no verdict"
 
 
