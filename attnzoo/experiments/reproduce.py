@@ -33,7 +33,7 @@ from .spec import Row, Table, load_table
 DEFAULT_OUT = "runs/reproduce"
 PLAN_FILE = "plan.json"
 # Settings that do not change what a run computes: a restart may change them freely.
-NOT_COMPARED = {"data_dir", "threads", "progress", "checkpoint_every_steps"}
+NOT_COMPARED = {"data_dir", "threads", "progress", "checkpoint_every_steps", "compile", "workers"}
 
 
 @dataclass

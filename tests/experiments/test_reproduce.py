@@ -176,3 +176,22 @@ def test_model_recipe_and_test_subset_overrides(tiny_table):
             threads=1,
             log=quiet,
         )
+
+
+def test_speed_settings_do_not_make_a_finished_run_foreign(tiny_table):
+    """A run that recorded its resolved compile choice (or another thread count) is still done."""
+    out = tiny_table
+    options = dict(OPTIONS, seeds=1)
+    reproduce("tiny", rows=["1"], out=out, log=quiet, **options)
+    config = out / "tiny" / "resnet20" / "seed0" / "config.yaml"
+    text = config.read_text()
+    assert "compile:" in text
+    config.write_text(
+        "\n".join(
+            "compile: false" if line.startswith("compile:") else line
+            for line in text.splitlines()
+        )
+        + "\n"
+    )
+    again = reproduce("tiny", rows=["1"], out=out, log=quiet, **{**options, "threads": 2})
+    assert again["counts"] == {"trained": 0, "resumed": 0, "finished_before": 1}
