@@ -48,6 +48,7 @@ class ImageDataset:
     std: tuple[float, float, float]
     pad: int  # random-crop zero padding in pixels (0: no crop)
     flip: bool  # random horizontal flip
+    classes: tuple[str, ...] | None = None  # class names by label, where the files give them
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -153,6 +154,25 @@ def download_cifar(name: str, root: Path) -> None:
                     f"has them"
                 ) from e
             save_split(target / f"{split}.npz", np.asarray(ds.data), np.asarray(ds.targets))
+        _write_text(target / "classes.txt", "".join(f"{c}\n" for c in ds.classes))
+
+
+def _write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def read_class_names(path: Path, num_classes: int) -> tuple[str, ...] | None:
+    """``classes.txt`` beside a dataset's files (line i names label i), if it is usable.
+
+    The names only label pictures, so a missing or unfit file means no names, not an error."""
+    try:
+        names = tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
+    except (OSError, UnicodeDecodeError):
+        return None
+    return names if len(names) == num_classes else None
 
 
 def load_cifar_dataset(name: str, data_dir=None) -> ImageDataset:
@@ -170,7 +190,8 @@ def load_cifar_dataset(name: str, data_dir=None) -> ImageDataset:
             f"{test.images.shape[1:]}"
         )
     mean, std = CIFAR_STATS[name]
-    return ImageDataset(name, train, test, num_classes, mean, std, pad=4, flip=True)
+    classes = read_class_names(folder / "classes.txt", num_classes)
+    return ImageDataset(name, train, test, num_classes, mean, std, 4, True, classes)
 
 
 # ---------------------------------------------------------------- STL-10

@@ -211,9 +211,13 @@ def visualize(
 
     what = "Grad-CAM" if method == "gradcam" else "Grad-CAM++"
     target = "true class" if cam_class == "true" else "predicted class"
-    write(gradcam_figure(pictures, labels, cam_columns, f"{what} of the {target}"), "gradcam.png")
+    names = getattr(data, "classes", None)
+    write(
+        gradcam_figure(pictures, labels, cam_columns, f"{what} of the {target}", names),
+        "gradcam.png",
+    )
     if map_columns:
-        write(attention_figure(pictures, labels, map_columns), "attention_maps.png")
+        write(attention_figure(pictures, labels, map_columns, names), "attention_maps.png")
     else:
         skipped.append("attention_maps.png: no run has an attention module with a spatial map")
     if bar_rows:

@@ -89,18 +89,28 @@ class CamColumn:
     predicted: Sequence[int]
 
 
+def _namer(class_names: Sequence[str] | None):
+    """Label -> what a picture prints: the class name where the dataset has names."""
+    return lambda k: class_names[int(k)] if class_names else str(int(k))
+
+
 def gradcam_figure(
-    images: np.ndarray, labels: Sequence[int], columns: Sequence[CamColumn], method: str
+    images: np.ndarray,
+    labels: Sequence[int],
+    columns: Sequence[CamColumn],
+    method: str,
+    class_names: Sequence[str] | None = None,
 ) -> Figure:
     """Rows: images. Columns: the image, then each run's heatmap over it (HAM Fig. 5)."""
+    name = _namer(class_names)
     fig, axes = _image_grid(len(images), 1 + len(columns), f"{method} at the last stage")
     for i, image in enumerate(images):
         _show_image(axes[i, 0], image)
-        axes[i, 0].set_title(f"true {labels[i]}", fontsize=9)
+        axes[i, 0].set_title(f"true {name(labels[i])}", fontsize=9)
         for j, col in enumerate(columns, start=1):
             _overlay(axes[i, j], image, col.heatmaps[i], 0.0, 1.0)
             right = int(col.predicted[i]) == int(labels[i])
-            text = f"pred {col.predicted[i]} / true {labels[i]}"
+            text = f"pred {name(col.predicted[i])}"
             if i == 0:
                 text = f"{_wrap(col.title, 27)}\n{text}"
             axes[i, j].set_title(text, fontsize=9, color="black" if right else "firebrick")
@@ -114,17 +124,21 @@ class MapColumn:
 
 
 def attention_figure(
-    images: np.ndarray, labels: Sequence[int], columns: Sequence[MapColumn]
+    images: np.ndarray,
+    labels: Sequence[int],
+    columns: Sequence[MapColumn],
+    class_names: Sequence[str] | None = None,
 ) -> Figure:
     """Rows: images. Columns: the image, then every selected map of every run.
 
     Each column has one colour scale over its images (its range under the first row), so
     images can be compared within a column; across columns only the shape compares."""
     title = "attention maps (last module of each stage), upsampled to the image"
+    name = _namer(class_names)
     fig, axes = _image_grid(len(images), 1 + len(columns), title)
     for i, image in enumerate(images):
         _show_image(axes[i, 0], image)
-        axes[i, 0].set_title(f"true {labels[i]}", fontsize=9)
+        axes[i, 0].set_title(f"true {name(labels[i])}", fontsize=9)
     for j, col in enumerate(columns, start=1):
         lo, hi = float(col.maps.min()), float(col.maps.max())
         hi = hi if hi > lo else lo + 1e-6

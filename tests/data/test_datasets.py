@@ -164,6 +164,7 @@ def fake_cifar(n_train: int, n_test: int, num_classes: int = 10):
             rng = np.random.default_rng(int(train))
             self.data = rng.integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
             self.targets = [i % num_classes for i in range(n)]
+            self.classes = [f"class{k}" for k in range(num_classes)]
 
     return FakeCIFAR, calls
 
@@ -182,12 +183,18 @@ def test_download_writes_the_splits(monkeypatch, tmp_path, name, cls_name, class
     np.testing.assert_array_equal(data.train.images, fake(tmp_path, train=True).data)
     np.testing.assert_array_equal(data.test.labels, np.arange(30) % classes)
     # The files are written in the documented layout, the temp folder is gone ...
-    assert sorted(p.name for p in (tmp_path / name).iterdir()) == ["test.npz", "train.npz"]
-    # ... and a second load reads them without downloading.
+    files = sorted(p.name for p in (tmp_path / name).iterdir())
+    assert files == ["classes.txt", "test.npz", "train.npz"]
+    assert data.classes is None or data.classes[-1] == f"class{classes - 1}"
+    # ... and a second load reads them without downloading, with the class names.
     monkeypatch.setattr(torchvision.datasets, cls_name, None)
     again = load_dataset(name, tmp_path)
     np.testing.assert_array_equal(again.train.images, data.train.images)
     np.testing.assert_array_equal(again.test.labels, data.test.labels)
+    assert again.classes == tuple(f"class{k}" for k in range(classes))
+    # A classes.txt that does not fit the labels gives no names rather than wrong ones.
+    (tmp_path / name / "classes.txt").write_text("only\ntwo\n")
+    assert load_dataset(name, tmp_path).classes is None
 
 
 def offline(*args, **kwargs):
@@ -234,6 +241,11 @@ def test_real_cifar(cifar_root, name, classes):
     assert data.train.images.shape == (50_000, 32, 32, 3)
     assert data.test.images.shape == (10_000, 32, 32, 3)
     assert data.num_classes == classes
+    if (cifar_root / name / "classes.txt").is_file():
+        assert (
+            data.classes[:2]
+            == {10: ("airplane", "automobile"), 100: ("apple", "aquarium_fish")}[classes]
+        )
     np.testing.assert_array_equal(np.bincount(data.train.labels), [50_000 // classes] * classes)
     np.testing.assert_array_equal(np.bincount(data.test.labels), [10_000 // classes] * classes)
     for split_name, split in (("train", data.train), ("test", data.test)):
