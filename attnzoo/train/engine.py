@@ -75,6 +75,7 @@ from .distributed import (
 )
 from .fastpath import (
     MIN_COMPILED_STEPS,
+    compile_saving,
     compiled,
     decide_compile,
     estimated_step_seconds,
@@ -359,7 +360,7 @@ class Trainer:
                 self.model, getattr(self.model, "in_chans", 3), self.data.image_size
             )
             step_seconds = estimated_step_seconds(macs, cfg.batch_size, torch.get_num_threads())
-        return decide_compile(cfg.compile, steps, step_seconds)
+        return decide_compile(cfg.compile, steps, step_seconds, compile_saving(cfg.attention))
 
     # ------------------------------------------------------------ state
     def state_dict(self, progress: EpochProgress | None = None) -> dict[str, Any]:

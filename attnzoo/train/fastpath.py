@@ -22,6 +22,12 @@ step at batch 128 runs at about 2.4e10 MAC/s on one thread). The estimate ignore
 memory-bound elementwise work, so it errs low, which only makes ``auto`` compile less often.
 A 200-epoch CIFAR ResNet run (78,000 steps, about 1 s each) compiles; a digits run (a few
 hundred steps), a smoke run or a unit test does not.
+
+Attentions whose fused eager gates (``attention/layers.py``) beat what the compiler makes of
+the plain expression get a saving of 0, so ``auto`` leaves them eager: measured on a
+ResNet-56 (docs/performance.md, "Fused attention gates"), compiled / eager step time was
+0.94x without attention, 0.90x with SE, 0.95x with ECA, but 1.01x with CBAM, 1.05x with HAM
+and 1.08x with triplet (``COMPILE_SAVING_BY_ATTENTION``).
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ from torch import nn
 COMPILE_CHOICES = ("auto", True, False)
 COMPILE_SECONDS = 300.0
 COMPILE_SAVING = 0.04
+# The step-time saving from compiling, where measured to differ from COMPILE_SAVING.
+COMPILE_SAVING_BY_ATTENTION = {"cbam": 0.0, "ham": 0.0, "triplet": 0.0}
 MIN_COMPILED_STEPS = 2_000
 CPU_MACS_PER_SECOND_PER_THREAD = 2.4e10
 
@@ -70,20 +78,29 @@ def estimated_step_seconds(macs: int, batch_size: int, threads: int) -> float:
     return 3 * macs * batch_size / (CPU_MACS_PER_SECOND_PER_THREAD * max(threads, 1))
 
 
-def decide_compile(setting: Any, planned_steps: int, step_seconds: float) -> tuple[bool, str]:
+def compile_saving(attention: str | None) -> float:
+    """The fraction of a step that compiling saves, as measured for this attention."""
+    return COMPILE_SAVING_BY_ATTENTION.get(attention or "", COMPILE_SAVING)
+
+
+def decide_compile(
+    setting: Any, planned_steps: int, step_seconds: float, saving: float = COMPILE_SAVING
+) -> tuple[bool, str]:
     """Resolve ``compile`` ('auto', True, False) for a run; returns (compile?, why)."""
     check_compile(setting)
     if setting is not True and setting is not False:
-        saved = planned_steps * step_seconds * COMPILE_SAVING
+        saved = planned_steps * step_seconds * saving
         if planned_steps < MIN_COMPILED_STEPS:
             return False, f"auto: {planned_steps} steps are too few to repay compiling"
+        if saving <= 0:
+            return False, "auto: this attention's fused eager gates are faster than compiled"
         if saved < COMPILE_SECONDS:
             return False, (
-                f"auto: {planned_steps} steps x ~{step_seconds:.2g} s x {COMPILE_SAVING:.0%} "
+                f"auto: {planned_steps} steps x ~{step_seconds:.2g} s x {saving:.0%} "
                 f"would save ~{saved:.0f} s, less than compiling takes (~{COMPILE_SECONDS:.0f} s)"
             )
         return True, (
-            f"auto: {planned_steps} steps x ~{step_seconds:.2g} s x {COMPILE_SAVING:.0%} "
+            f"auto: {planned_steps} steps x ~{step_seconds:.2g} s x {saving:.0%} "
             f"saves ~{saved:.0f} s, more than compiling takes (~{COMPILE_SECONDS:.0f} s)"
         )
     return setting, "compile on" if setting else "compile off"

@@ -14,6 +14,7 @@ from attnzoo.train.config import TrainConfig
 from attnzoo.train.fastpath import (
     COMPILE_SECONDS,
     MIN_COMPILED_STEPS,
+    compile_saving,
     decide_compile,
     estimated_step_seconds,
     macs_per_image,
@@ -52,6 +53,13 @@ def test_auto_compiles_a_full_cifar_resnet56_run() -> None:
     assert compile_ is True and "more than compiling" in why
     # ... and at this step time the break-even point is in the thousands of steps.
     assert decide_compile("auto", int(COMPILE_SECONDS / (0.04 * step)) - 1, step)[0] is False
+
+
+@pytest.mark.parametrize(("attention", "compiles"), [(None, True), ("se", True), ("ham", False)])
+def test_auto_leaves_attentions_with_faster_fused_gates_eager(attention, compiles) -> None:
+    saving = compile_saving(attention)
+    assert decide_compile("auto", 200 * 390, 2.0, saving)[0] is compiles
+    assert decide_compile(True, 200 * 390, 2.0, saving)[0] is True
 
 
 @pytest.mark.parametrize("setting", [True, False])
