@@ -16,6 +16,7 @@ and writes into ``out``:
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -121,7 +122,10 @@ def _unique_labels(runs: list[LoadedRun]) -> None:
 
 
 def _curves_name(run: LoadedRun, taken: set[str]) -> str:
-    stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in run.path.resolve().name)
+    path = run.path.resolve()
+    # reproduce's runs are <row>/seed<k>: name the file after both.
+    base = f"{path.parent.name}_{path.name}" if re.fullmatch(r"seed\d+", path.name) else path.name
+    stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in base)
     name, k = f"curves_{stem}.png", 2
     while name in taken:
         name, k = f"curves_{stem}-{k}.png", k + 1
