@@ -7,6 +7,8 @@
 - ``check_input``: one clear error for a wrong input shape.
 - ``pooled_gate``: x * sigmoid(f(mean_d x, max_d x)) with a hand-written backward (the fused
   eager path that SE, ECA, CBAM, HAM and triplet use; see its docstring).
+- ``gate_conv2d``: the spatial gates' C -> 1 k x k conv, as banded matmuls on larger maps.
+- ``plain_gates``: a context in which both run as plain autograd expressions.
 - ``SingleSampleSafeBatchNorm1d``: BatchNorm1d that survives a training batch of one.
 """
 
