@@ -63,6 +63,52 @@ class Loader(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
+class SplitLoader:
+    """The part both loaders share: checks, batch counting, normalisation, the generator.
+
+    ``x_norm = (x / 255 - mean) / std`` is computed as ``x * scale + shift`` on uint8 ``x``.
+    A ragged last batch is dropped in training (a batch of 1 breaks BN) and kept at test.
+    """
+
+    def __init__(
+        self,
+        labels: torch.Tensor,
+        batch_size: int,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        train: bool,
+        seed: int,
+        drop_last: bool | None,
+        channels_last: bool,
+        rank: int,
+        world_size: int,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size), got {rank} of {world_size}")
+        self.labels = labels
+        self.batch_size = batch_size
+        self.train = train
+        self.drop_last = train if drop_last is None else drop_last
+        if self.drop_last and len(labels) < batch_size:
+            self.drop_last = False
+        self.channels_last = channels_last
+        std_t = torch.tensor(std, dtype=torch.float32)
+        self.scale = (1.0 / (255.0 * std_t)).view(1, 3, 1, 1)
+        self.shift = (-torch.tensor(mean, dtype=torch.float32) / std_t).view(1, 3, 1, 1)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.rank, self.world_size = rank, world_size
+
+    def __len__(self) -> int:
+        n = len(self.labels)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.labels)
+
+
 class Dataset(Protocol):
     """A named dataset that knows its shape and how to make its training and test loaders."""
 

@@ -38,7 +38,7 @@ import torch
 import torch.utils.data
 
 from .arrays import DataError
-from .base import LoaderSettings
+from .base import LoaderSettings, SplitLoader
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # torchvision's ImageNet statistics
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -111,7 +111,7 @@ def _collate(items: list[torch.Tensor | str]) -> torch.Tensor | str:
     return torch.stack(items)
 
 
-class FolderLoader:
+class FolderLoader(SplitLoader):
     """Batches of image files through a ``DataLoader`` with ``workers`` processes (see the
     module docstring); the interface and guarantees of ``InMemoryLoader``."""
 
@@ -130,43 +130,30 @@ class FolderLoader:
         world_size: int = 1,
         workers: int = 0,
     ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in [0, world_size), got {rank} of {world_size}")
         if workers < 0:
             raise ValueError(f"workers must be >= 0, got {workers}")
         if not samples:
             raise DataError("a folder split without images")
+        super().__init__(
+            torch.tensor([c for _, c in samples], dtype=torch.int64),
+            batch_size,
+            mean,
+            std,
+            train,
+            seed % _MAX_SEED,
+            drop_last,
+            channels_last,
+            rank,
+            world_size,
+        )
         self.images = FolderImages([p for p, _ in samples], train, image_size)
-        self.labels = torch.tensor([c for _, c in samples], dtype=torch.int64)
-        self.batch_size = batch_size
-        self.train = train
         self.image_size = image_size
-        # As InMemoryLoader: drop a ragged last batch in training (a batch of 1 breaks BN).
-        self.drop_last = train if drop_last is None else drop_last
-        if self.drop_last and len(self.labels) < batch_size:
-            self.drop_last = False
-        self.channels_last = channels_last
         self.workers = workers
-        std_t = torch.tensor(std, dtype=torch.float32)
-        self.scale = (1.0 / (255.0 * std_t)).view(1, 3, 1, 1)
-        self.shift = (-torch.tensor(mean, dtype=torch.float32) / std_t).view(1, 3, 1, 1)
-        self.generator = torch.Generator().manual_seed(seed % _MAX_SEED)
-        self.rank, self.world_size = rank, world_size
         # The generator state the current epoch was drawn from (None between epochs), the
         # batches handed out in it, and a loaded state that the next iter() continues.
         self._epoch_start: torch.Tensor | None = None
         self._position = 0
         self._resume_at: tuple[torch.Tensor, int] | None = None
-
-    def __len__(self) -> int:
-        n = len(self.labels)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
-
-    @property
-    def num_samples(self) -> int:
-        return len(self.labels)
 
     def _shard(self, m: int) -> slice:
         return slice(self.rank * m // self.world_size, (self.rank + 1) * m // self.world_size)

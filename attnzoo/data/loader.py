@@ -26,8 +26,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .base import SplitLoader
 
-class InMemoryLoader:
+
+class InMemoryLoader(SplitLoader):
     def __init__(
         self,
         images: np.ndarray,
@@ -44,41 +46,27 @@ class InMemoryLoader:
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in [0, world_size), got {rank} of {world_size}")
+        super().__init__(
+            torch.from_numpy(np.asarray(labels, dtype=np.int64)),
+            batch_size,
+            mean,
+            std,
+            train,
+            seed,
+            drop_last,
+            channels_last,
+            rank,
+            world_size,
+        )
         self.images = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
-        self.labels = torch.from_numpy(np.asarray(labels, dtype=np.int64))
-        self.batch_size = batch_size
-        self.train = train
         self.pad = pad if train else 0
         self.flip = flip and train
-        # Drop a ragged last batch in training (a batch of 1 breaks BN), keep it at test.
-        self.drop_last = train if drop_last is None else drop_last
-        if self.drop_last and len(self.labels) < batch_size:
-            self.drop_last = False
-        self.channels_last = channels_last
-        std_t = torch.tensor(std, dtype=torch.float32)
-        # x_norm = (x/255 - mean)/std = x * scale + shift
-        self.scale = (1.0 / (255.0 * std_t)).view(1, 3, 1, 1)
-        self.shift = (-torch.tensor(mean, dtype=torch.float32) / std_t).view(1, 3, 1, 1)
-        self.generator = torch.Generator().manual_seed(seed)
-        self.rank, self.world_size = rank, world_size
         # Within-epoch position: the current epoch's order and the batches handed out so far
         # (order is None between epochs); ``_resume_at`` is a loaded state that the next
         # ``iter()`` continues instead of starting a new epoch.
         self._order: torch.Tensor | None = None
         self._position = 0
         self._resume_at: tuple[torch.Tensor, int] | None = None
-
-    def __len__(self) -> int:
-        n = len(self.labels)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
-
-    @property
-    def num_samples(self) -> int:
-        return len(self.labels)
 
     def _draw_augmentation(self, n: int) -> tuple[torch.Tensor, ...] | None:
         """Crop offsets (dy, dx) and flip flags for ``n`` images, or None without augmentation."""
