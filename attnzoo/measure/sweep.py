@@ -126,7 +126,14 @@ def _run_isolated(kwargs: dict, memory_gib: float | None) -> dict[str, dict[str,
     try:
         status, value = parent.recv()
     except EOFError:  # the child died without a word (killed, crashed)
-        status, value = "error", f"exit code {proc.join() or proc.exitcode}"
+        proc.join()
+        if memory_gib is not None and proc.exitcode is not None and proc.exitcode < 0:
+            # Under an address-space cap, native code (oneDNN, OpenMP) may fail an
+            # allocation with a crash instead of an exception: that is running out of
+            # memory too, for every case of this grid point.
+            why = f"the process died (signal {-proc.exitcode}) under the {memory_gib:g} GiB cap"
+            return {a: {"status": "out of memory", "message": why} for a in kwargs["attentions"]}
+        status, value = "error", f"exit code {proc.exitcode}"
     proc.join()
     if status != "ok":
         raise RuntimeError(f"sweep grid point failed: {value}")
