@@ -43,3 +43,25 @@ def tiny_cifar_root(tmp_path: Path) -> Path:
         labels = np.arange(n) % 10
         save_split(tmp_path / "cifar10" / f"{split}.npz", images, labels)
     return tmp_path
+
+
+@pytest.fixture
+def crash_after_saves(monkeypatch: pytest.MonkeyPatch):
+    """``arm(count, exc)``: the training loop's ``count``-th checkpoint save raises ``exc``
+    right after the file is written, as a crash would; returns the list of saved steps."""
+    from attnzoo.train import engine
+
+    def arm(count: int, exc: type[BaseException] = KeyboardInterrupt) -> list[int]:
+        saves: list[int] = []
+        real_save = engine.save_checkpoint
+
+        def save_then_crash(path, state):
+            real_save(path, state)
+            saves.append(state["step"])
+            if len(saves) == count:
+                raise exc
+
+        monkeypatch.setattr(engine, "save_checkpoint", save_then_crash)
+        return saves
+
+    return arm

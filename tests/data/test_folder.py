@@ -23,7 +23,7 @@ from attnzoo.data import (
     load_dataset,
 )
 from attnzoo.data.folder import IMAGENET_MEAN, IMAGENET_STD
-from attnzoo.train import engine, resolve_config, resume, train
+from attnzoo.train import resolve_config, resume, train
 
 CLASSES = ["ant", "bee", "cat"]
 
@@ -283,7 +283,7 @@ def metrics_without_timing(run: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if "time" not in k and k != "images_per_s"} for r in rows]
 
 
-def test_training_resumes_exactly_inside_an_epoch(root, tmp_path, monkeypatch):
+def test_training_resumes_exactly_inside_an_epoch(root, tmp_path, monkeypatch, crash_after_saves):
     # 12 images, batch 4: 3 steps per epoch; checkpoints every 2 steps save at steps 2 (mid
     # epoch 1), 3 (end of epoch 1), 4 (mid epoch 2). Crash after the third, then resume.
     def config(**overrides):
@@ -295,16 +295,7 @@ def test_training_resumes_exactly_inside_an_epoch(root, tmp_path, monkeypatch):
 
     reference = tmp_path / "reference"
     train(config(), reference, log=lambda m: None)
-    saves = []
-    real_save = engine.save_checkpoint
-
-    def save_then_crash(path, state):
-        real_save(path, state)
-        saves.append(state["step"])
-        if len(saves) == 3:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(engine, "save_checkpoint", save_then_crash)
+    saves = crash_after_saves(3, KeyboardInterrupt)
     run = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
         train(config(checkpoint_every_steps=2, workers=0), run, log=lambda m: None)

@@ -188,8 +188,7 @@ def test_speed_settings_do_not_make_a_finished_run_foreign(tiny_table):
     assert "compile:" in text
     config.write_text(
         "\n".join(
-            "compile: false" if line.startswith("compile:") else line
-            for line in text.splitlines()
+            "compile: false" if line.startswith("compile:") else line for line in text.splitlines()
         )
         + "\n"
     )

@@ -21,7 +21,7 @@ from run_helpers import (
 )
 
 from attnzoo.data import InMemoryLoader
-from attnzoo.train import engine, resolve_config, resume, train
+from attnzoo.train import resolve_config, resume, train
 
 SEED = 20251125  # the kill points of the SIGKILL test come from random.Random(SEED)
 
@@ -86,22 +86,13 @@ def small_config(**overrides):
     return resolve_config(values.pop("recipe"), **values)
 
 
-def test_resume_inside_an_epoch_is_exact(tmp_path, monkeypatch):
+def test_resume_inside_an_epoch_is_exact(tmp_path, monkeypatch, crash_after_saves):
     # 4 steps per epoch, a checkpoint every 3: saves at steps 3 (mid epoch 1), 4 (end of
     # epoch 1), 6 (mid epoch 2). Crash right after the third: resume 2 steps into epoch 2.
     reference = tmp_path / "reference"
     train(small_config(), reference, log=quiet)  # no step checkpoints at all
 
-    saves = []
-    real_save = engine.save_checkpoint
-
-    def save_then_crash(path, state):
-        real_save(path, state)
-        saves.append(state["step"])
-        if len(saves) == 3:
-            raise Crash
-
-    monkeypatch.setattr(engine, "save_checkpoint", save_then_crash)
+    saves = crash_after_saves(3, Crash)
     run = tmp_path / "run"
     with pytest.raises(Crash):
         train(small_config(checkpoint_every_steps=3), run, log=quiet)
