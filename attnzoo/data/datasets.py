@@ -69,10 +69,11 @@ class ImageDataset:
             rank=settings.rank,
             world_size=settings.world_size,
         )
-        n = settings.train_subset
+        # A subset is the first N images ([:None] is the whole split).
+        n, m = settings.train_subset, settings.test_subset
         train_loader = InMemoryLoader(
-            train.images[:n] if n else train.images,
-            train.labels[:n] if n else train.labels,
+            train.images[:n],
+            train.labels[:n],
             settings.batch_size,
             train=True,
             pad=self.pad,
@@ -80,12 +81,8 @@ class ImageDataset:
             seed=settings.seed,
             **common,
         )
-        n = settings.test_subset
         test_loader = InMemoryLoader(
-            test.images[:n] if n else test.images,
-            test.labels[:n] if n else test.labels,
-            settings.test_batch_size,
-            **common,
+            test.images[:m], test.labels[:m], settings.test_batch_size, **common
         )
         return train_loader, test_loader
 
