@@ -1,4 +1,5 @@
-"""Shared helpers for the attention tests: random weights and a by-hand BatchNorm."""
+"""Shared helpers for the attention tests: random weights, a by-hand BatchNorm, and the
+gradient check that knows which parameters get no gradient by construction."""
 
 from __future__ import annotations
 
@@ -71,3 +72,74 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+# Parameters whose gradient is exactly zero in exact arithmetic, whatever the weights and the
+# input. Computed, their gradient is rounding noise, zero or not depending on the CPU's kernels
+# (AVX-512 vs AVX2), so a test may only expect it to be near zero:
+# - a bias on the keys of a softmax attention adds q_u . b to every energy of query u, a
+#   constant along the softmax's axis, which the softmax ignores;
+# - in training mode, a bias right before a BatchNorm is removed again by the batch mean.
+ZERO_GRADIENT_BY_CONSTRUCTION: dict[str, dict[str, str]] = {
+    "danet_pam": {"key.bias": "the softmax over keys ignores a per-query constant"},
+    "csm": {"spatial.key.bias": "its position attention is DANet's: as danet_pam"},
+    "rcca": {"key.bias": "one joint softmax over the criss-cross keys: as danet_pam"},
+    "bam": {
+        "channel_mlp.0.bias": "train mode: the BatchNorm1d after it subtracts it again",
+        **{
+            f"spatial.{i}.bias": "train mode: the BatchNorm2d after it subtracts it again"
+            for i in (0, 3, 6)
+        },
+    },
+    "gam": {
+        "spatial_conv1.bias": "train mode: the BatchNorm2d after it subtracts it again",
+        "spatial_conv2.bias": "train mode: the BatchNorm2d after it subtracts it again",
+    },
+}
+# Checked in float64, where that noise is ~1e-16 of the largest gradient and the smallest real
+# gradient seen is ~1e-4 of it: below NEAR_ZERO a gradient is zero, above REAL it is real.
+NEAR_ZERO = 1e-10
+REAL = 1e-7
+
+
+TRAIN_MODE_ONLY = "train mode:"  # reasons that start so hold only while BN uses batch stats
+
+
+def expected_zero_gradients(name: str, training: bool) -> dict[str, str]:
+    """The parameters of attention ``name`` whose gradient is zero by construction."""
+    listed = ZERO_GRADIENT_BY_CONSTRUCTION.get(name, {})
+    return {p: why for p, why in listed.items() if training or not why.startswith(TRAIN_MODE_ONLY)}
+
+
+def _assert_gradients(module: nn.Module, name: str, zero: dict[str, str] | None = None) -> None:
+    """Every parameter got a finite gradient; those that are zero by construction (``zero``,
+    default ``expected_zero_gradients(name, module.training)``) are near zero, every other one
+    is clearly above rounding noise. The module must have run in float64."""
+    expected_zero = expected_zero_gradients(name, module.training) if zero is None else zero
+    dtypes = {p.dtype for p in module.parameters()}
+    assert dtypes <= {torch.float64}, f"check gradients in float64, not {dtypes}"
+    grads = {}
+    for param_name, param in module.named_parameters():
+        assert param.grad is not None, f"{name}.{param_name} got no gradient"
+        assert torch.isfinite(param.grad).all(), f"{name}.{param_name}: gradient not finite"
+        grads[param_name] = param.grad.abs().max().item()
+    assert set(expected_zero) <= set(grads), f"{name}: listed {set(expected_zero) - set(grads)}"
+    largest = max(grads.values(), default=0.0)
+    assert largest > 0 or not grads, f"{name}: every parameter gradient is zero"
+    wrong = []
+    for param_name, g in grads.items():
+        if param_name in expected_zero and g > NEAR_ZERO * largest:
+            wrong.append(f"{param_name} ({expected_zero[param_name]}) is not zero: {g:.3g}")
+        elif param_name not in expected_zero and g < REAL * largest:
+            wrong.append(f"{param_name} is at rounding-noise level: {g:.3g}")
+    assert not wrong, f"{name} (largest gradient {largest:.3g}): " + "; ".join(wrong)
+
+
+@pytest.fixture
+def assert_gradients() -> Callable[..., None]:
+    return _assert_gradients
+
+
+@pytest.fixture
+def zero_gradients() -> Callable[[str, bool], dict[str, str]]:
+    return expected_zero_gradients

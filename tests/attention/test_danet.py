@@ -184,17 +184,30 @@ def test_single_position_pam_adds_gamma_times_value(randomize) -> None:
 
 
 @pytest.mark.parametrize("name", ["danet_pam", "danet_cam"])
-def test_gradients_reach_every_parameter(name: str, randomize) -> None:
+def test_gradients_reach_every_parameter(name: str, randomize, assert_gradients) -> None:
+    """Every parameter learns except PAM's key bias, which the softmax cancels exactly
+    (tests/attention/conftest.py, ZERO_GRADIENT_BY_CONSTRUCTION)."""
     torch.manual_seed(0)
-    module = with_gamma(randomize(create_attention(name, 16)))
-    x = torch.randn(3, 16, 6, 5, requires_grad=True)
+    module = with_gamma(randomize(create_attention(name, 16))).double()
+    x = torch.randn(3, 16, 6, 5, dtype=torch.float64, requires_grad=True)
     out = module(x)
     (out * torch.randn_like(out)).sum().backward()
-    for param_name, param in module.named_parameters():
-        assert param.grad is not None, param_name
-        assert torch.isfinite(param.grad).all(), param_name
-        assert param.grad.abs().sum() > 0, f"{param_name} got a zero gradient"
+    assert_gradients(module, name)
     assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_pam_key_bias_cancels_in_the_softmax() -> None:
+    """Why key.bias gets no gradient: changing it leaves the output unchanged (float64)."""
+    torch.manual_seed(0)
+    module = with_gamma(PositionAttention(16)).double().eval()
+    x = torch.randn(2, 16, 5, 4, dtype=torch.float64)
+    before = module(x)
+    with torch.no_grad():
+        module.key.bias.add_(torch.randn_like(module.key.bias) * 3)
+    torch.testing.assert_close(module(x), before, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        module.query.bias.add_(torch.randn_like(module.query.bias) * 3)
+    assert (module(x) - before).abs().max() > 1e-3  # the query bias does matter
 
 
 @pytest.mark.parametrize(("name", "scale"), [("danet_pam", "gamma"), ("danet_cam", "beta")])

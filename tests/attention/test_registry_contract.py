@@ -70,13 +70,15 @@ def test_output_shape_in_eval_mode(name: str, channels: int, size: tuple[int, in
 @pytest.mark.parametrize("size", [(3, 7, 5), (2, 8, 8)])
 @pytest.mark.parametrize("weights", ["init", "random"])
 def test_gradients_reach_every_parameter(
-    name: str, channels: int, size: tuple[int, int, int], weights: str, randomize
+    name: str, channels: int, size: tuple[int, int, int], weights: str, randomize, assert_gradients
 ) -> None:
-    """Every parameter gets a finite gradient; with random weights most get a nonzero one.
+    """Every parameter gets a finite gradient; with random weights, a real one.
 
     At init some modules legitimately pass no gradient to part of their weights: a gate
     initialised to zero (DANet's gamma, for example) hides the branch behind it until it
-    moves. Random weights open such gates, so there most gradients must be nonzero.
+    moves. Random weights open such gates, so there every gradient must be clearly above
+    rounding noise, except the few that are zero by construction (a key bias under a softmax;
+    conftest.ZERO_GRADIENT_BY_CONSTRUCTION), which must be near zero.
     """
     torch.manual_seed(0)
     module = create_attention(name, channels).train()
@@ -86,7 +88,10 @@ def test_gradients_reach_every_parameter(
             for param_name, param in module.named_parameters():
                 if param_name.endswith("bias"):
                     param.abs_()
-    x = torch.randn(size[0], channels, *size[1:], requires_grad=True)
+    # float64: in float32, a gradient that is zero by construction comes out as rounding
+    # noise, which only a float64 run keeps 1e9 below the real ones.
+    module = module.double()
+    x = torch.randn(size[0], channels, *size[1:], dtype=torch.float64, requires_grad=True)
     out = module(x)
     # A random projection, so no gradient cancels by symmetry (as out.sum() can after BN).
     (out * torch.randn_like(out)).sum().backward()
@@ -94,11 +99,11 @@ def test_gradients_reach_every_parameter(
     for param_name, param in params.items():
         assert param.grad is not None, f"{name}.{param_name} got no gradient"
         assert torch.isfinite(param.grad).all(), f"{name}.{param_name} gradient not finite"
-    nonzero = [pn for pn, p in params.items() if p.grad.abs().sum() > 0]
-    assert nonzero or not params, f"{name}: every parameter gradient is zero"
+    assert not params or any(p.grad.abs().max() > 0 for p in params.values()), (
+        f"{name}: every parameter gradient is zero"
+    )
     if weights == "random":
-        zero = set(params) - set(nonzero)
-        assert len(nonzero) >= 0.75 * len(params), f"{name}: zero gradients for {zero}"
+        assert_gradients(module, name)
     assert x.grad is not None and x.grad.abs().sum() > 0
 
 

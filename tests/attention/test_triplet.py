@@ -138,16 +138,16 @@ def test_shape_sweep(size: tuple[int, int, int], mode: str) -> None:
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
 @pytest.mark.parametrize("no_spatial", [False, True])
-def test_gradients_reach_every_parameter(mode: str, no_spatial: bool) -> None:
+def test_gradients_reach_every_parameter(mode: str, no_spatial: bool, assert_gradients) -> None:
     torch.manual_seed(0)
     module = TripletAttention(16, no_spatial=no_spatial).train(mode == "train")
-    x = torch.randn(3, 16, 7, 5, requires_grad=True)
+    module = module.double()
+    x = torch.randn(3, 16, 7, 5, dtype=torch.float64, requires_grad=True)
     out = module(x)
     (out * torch.randn_like(out)).sum().backward()
     params = dict(module.named_parameters())
     assert len(params) == (6 if no_spatial else 9)  # conv weight, BN weight, BN bias
-    for name, param in params.items():
-        assert param.grad is not None and param.grad.abs().sum() > 0, name
+    assert_gradients(module, "triplet")
     assert x.grad.abs().sum() > 0
 
 
