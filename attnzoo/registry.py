@@ -1,7 +1,8 @@
 """Name -> constructor registries for attention modules and models.
 
 ``create_attention(name, channels, **kwargs)`` and
-``create_model(name, num_classes=10, attention=None, attention_kwargs=None, **kwargs)``
+``create_model(name, num_classes=None, attention=None, attention_kwargs=None, **kwargs)``
+(``num_classes=None``: the model's own default, 10 for CIFAR models, 1000 for ImageNet ones)
 are the public entry points; modules and models register themselves with the
 decorators below when their file is imported.
 
@@ -101,6 +102,15 @@ def _call_checked(kind: str, name: str, fn: Callable, *args: Any, **kwargs: Any)
     return fn(*args, **kwargs)
 
 
+def default_num_classes(name: str) -> int:
+    """The class count model ``name`` is built with when none is given (its constructor's
+    default: 10 for the CIFAR models, 1000 for the ImageNet ones)."""
+    param = inspect.signature(_lookup("model", name, _MODELS)).parameters.get("num_classes")
+    if param is None or not isinstance(param.default, int):
+        raise RuntimeError(f"model {name!r} has no default num_classes")
+    return param.default
+
+
 def attention_class(name: str) -> Callable[..., nn.Module]:
     """The registered class (or factory) behind an attention name."""
     return _lookup("attention", name, _ATTENTIONS)
@@ -141,13 +151,18 @@ def check_attention(attention: str | None, attention_kwargs: dict | None = None)
 
 def create_model(
     name: str,
-    num_classes: int = 10,
+    num_classes: int | None = None,
     attention: str | None = None,
     attention_kwargs: dict | None = None,
     **kwargs: Any,
 ) -> nn.Module:
-    """Build model ``name`` with ``attention`` (a registered name, or None) plugged in."""
+    """Build model ``name`` with ``attention`` (a registered name, or None) plugged in.
+
+    ``num_classes`` defaults to the model's natural value (``default_num_classes``): 10 for
+    the CIFAR models, 1000 for the ImageNet ones, as in timm and torchvision."""
     fn = _lookup("model", name, _MODELS)
+    if num_classes is None:
+        num_classes = default_num_classes(name)
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
     check_attention(attention, attention_kwargs)

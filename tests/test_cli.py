@@ -50,12 +50,20 @@ def test_list(capsys):
         "model-level attentions",
         "datasets",
         "recipes",
+        "tables",
     }
     assert tables["model-level attentions"] == "abn, bridge_head"
     assert "resnet20" in tables["models"].split(", ")
     assert "ham" in tables["attentions"].split(", ")
     assert tables["datasets"] == "cifar10, cifar100, digits, imagenet, stl10"
     assert "ham" in tables["recipes"].split(", ")
+    assert {"ham_table4", "gam_table1"} <= set(tables["tables"].split(", "))
+
+
+def test_reproduce_help_lists_the_tables(capsys):
+    code, out, _ = run_cli(["reproduce", "--help"], capsys)
+    assert code == 0
+    assert "ham_table4" in " ".join(out.split()) and "attnzoo/experiments" not in out
 
 
 def test_list_one_table(capsys):

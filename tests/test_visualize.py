@@ -168,3 +168,23 @@ def test_an_unwritable_out_fails_before_the_work(runs, tmp_path, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cannot write to --out" in err, err
+
+
+def test_a_constant_map_is_labelled_constant_not_given_a_range():
+    """A dead gate (a HAM spatial map at 0.5 everywhere) must not look like a plotting fault."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from attnzoo.viz.figures import MapColumn, attention_figure
+
+    images = np.zeros((2, 8, 8, 3), dtype=np.float32)
+    varied = np.linspace(0, 1, 2 * 64, dtype=np.float32).reshape(2, 8, 8)
+    columns = [
+        MapColumn("run\ndead gate", np.full((2, 8, 8), 0.5, dtype=np.float32)),
+        MapColumn("run\nlive gate", varied),
+    ]
+    fig = attention_figure(images, [0, 1], columns)
+    texts = [t.get_text() for ax in fig.axes for t in ax.texts]
+    assert "constant map: 0.5 everywhere" in texts
+    assert "range 0 .. 1" in texts
+    assert not any(t.startswith("range 0.5") for t in texts)

@@ -32,6 +32,8 @@ import torch
 
 from ..registry import NO_ATTENTION, create_model
 from ..train.loss import training_loss
+from ..utils.machine import machine_info, machine_line
+from ..utils.text import plural
 from .timm_compare import TIMM_ATTENTIONS, require_timm, swap_in_timm
 
 MODES = ("eager", "channels_last", "bf16", "compiled")
@@ -167,6 +169,7 @@ def bench(
             "repeats": repeats,
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
+            "machine": machine_info(),
         },
         "rows": rows,
     }
@@ -185,9 +188,11 @@ def format_bench(result: dict[str, Any]) -> str:
     plain = {r["mode"]: r["params"] for r in rows if r["attention"] == "none"}
     lines = [
         f"{st['model']}, training step, batch {st['batch_size']}, "
-        f"{st['input_size']}x{st['input_size']}, {st['threads']} threads, torch {st['torch']}"
+        f"{st['input_size']}x{st['input_size']}, {plural(st['threads'], 'thread')}, "
+        f"torch {st['torch']}"
         + (f", timm {st['timm']}" if timm else "")
         + f", median of {st['repeats']} (round-robin)",
+        machine_line(st),
         "| attention | mode | params | delta | step ms | images/s | vs no attention "
         "| vs first mode | warm-up s |" + (" ours / timm |" if timm else ""),
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if timm else ""),

@@ -23,6 +23,8 @@ from typing import Any
 import torch
 
 from ..registry import NO_ATTENTION, create_model
+from ..utils.machine import machine_line
+from ..utils.text import plural
 from .bench import bench
 from .profile import count_flops
 
@@ -122,8 +124,10 @@ def format_efficiency(result: dict[str, Any]) -> str:
     st, mm = result["settings"], result["matmul"]
     lines = [
         f"{st['model']}, training step, batch {st['batch_size']}, "
-        f"{st['input_size']}x{st['input_size']}, {st['mode']}, {st['threads']} threads, "
-        f"torch {st['torch']}, median of {st['repeats']} (round-robin)",
+        f"{st['input_size']}x{st['input_size']}, {st['mode']}, "
+        f"{plural(st['threads'], 'thread')}, torch {st['torch']}, median of {st['repeats']} "
+        "(round-robin)",
+        machine_line(st),
         f"fp32 matmul {st['matmul_size']}x{st['matmul_size']}: {mm['gflops']:.1f} GFLOP/s "
         f"(median; {mm['gflops_before']:.1f} before the steps, {mm['gflops_after']:.1f} after)",
         "| attention | train GFLOP / step | step ms | achieved GFLOP/s | of matmul rate "

@@ -31,6 +31,8 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 
 from ..registry import create_model
 from ..train.loss import main_logits, training_loss
+from ..utils.machine import machine_info, machine_line
+from ..utils.text import plural
 
 
 @dataclass(frozen=True)
@@ -260,6 +262,7 @@ def profile(
             "repeats": repeats,
             "threads": threads or torch.get_num_threads(),
             "torch": torch.__version__,
+            "machine": machine_info(),
         },
         "rows": rows,
         "ratios": ratios,
@@ -285,7 +288,8 @@ def format_profile(result: dict[str, Any]) -> str:
     lines = [
         f"{rows[0]['model']}, input {st['input_size']}x{st['input_size']}, "
         f"batch {st['batch_size']} for memory and latency (median of {st['repeats']}), "
-        f"{st['threads']} threads, torch {st['torch']}",
+        f"{plural(st['threads'], 'thread')}, torch {st['torch']}",
+        machine_line(st),
         "| " + " | ".join(c[0] for c in cols) + " |",
         "| " + " | ".join("---" for _ in cols) + " |",
     ]

@@ -36,6 +36,8 @@ from typing import Any
 
 import torch
 
+from ..utils.machine import machine_info, machine_line
+from ..utils.text import plural
 from .bench import check_modes, make_step
 
 SWEEP_ATTENTIONS = ("none", "se", "eca", "cbam", "ham", "csm", "danet_pam", "rcca")
@@ -256,6 +258,7 @@ def sweep(
             "memory_gib": memory_gib if isolate else None,
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
+            "machine": machine_info(),
         },
         "rows": rows,
     }
@@ -266,9 +269,10 @@ def format_sweep(result: dict[str, Any]) -> str:
     column pair per input size."""
     st = result["settings"]
     lines = [
-        f"{st['model']}, training step, {st['mode']}, {st['threads']} threads, "
+        f"{st['model']}, training step, {st['mode']}, {plural(st['threads'], 'thread')}, "
         f"torch {st['torch']}, median of {st['repeats']} (round-robin at each size); "
-        "each cell: step ms (ratio to no attention)"
+        "each cell: step ms (ratio to no attention)",
+        machine_line(st),
     ]
     sizes = st["input_sizes"]
     for batch in st["batch_sizes"]:
@@ -339,7 +343,7 @@ def plot_sweep(result: dict[str, Any], path: str) -> None:
         ax.set_xlabel("input H*W (positions of the first stage)")
         ax.set_ylabel("step time / plain step time")
         ax.set_title(
-            f"{st['model']}, batch {batch}, {st['threads']} threads (dashed: predicted, skipped)"
+            f"{st['model']}, batch {batch}, {plural(st['threads'], 'thread')} (dashed: predicted, skipped)"
         )
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)

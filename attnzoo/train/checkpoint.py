@@ -17,11 +17,14 @@ Each file is replaced atomically, so a crash leaves the previous complete versio
 from __future__ import annotations
 
 import json
+import pickle
+import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 from torch import nn
 
@@ -38,19 +41,94 @@ def save_weights(path: Path, model: nn.Module, metadata: dict[str, str] | None =
     atomic_write(path, lambda f: f.write(data))
 
 
-def load_weights(path: Path, model: nn.Module) -> None:
+WEIGHTS_METADATA_KEY = "attnzoo"
+
+
+def weights_metadata(**values: Any) -> dict[str, str]:
+    """safetensors metadata: one key holding sorted JSON, so that the file's bytes do not
+    depend on the order safetensors writes its metadata keys in (a hash map's)."""
+    return {WEIGHTS_METADATA_KEY: json.dumps(values, sort_keys=True)}
+
+
+def read_weights_metadata(metadata: dict[str, str]) -> dict[str, Any]:
+    """What ``weights_metadata`` wrote (older files: {"epoch": "N"} without precision)."""
+    if WEIGHTS_METADATA_KEY in metadata:
+        try:
+            values = json.loads(metadata[WEIGHTS_METADATA_KEY])
+        except ValueError:
+            values = None
+        if isinstance(values, dict):
+            return values
+    return {k: v for k, v in metadata.items() if k == "epoch"}
+
+
+def load_weights(path: Path, model: nn.Module) -> dict[str, str]:
+    """Load a run's safetensors weights strictly into ``model``; returns the file's metadata
+    (``epoch``, ``precision``). A mismatch names the missing and unexpected keys."""
     path = Path(path)
     if not path.is_file():
         raise RunError(f"missing weights file {path}")
     try:
         state = load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
     except (SafetensorError, OSError, ValueError) as e:
         raise RunError(f"cannot read weights {path}: {e}") from e
+    mismatch = describe_key_mismatch(model.state_dict(), state)
+    if mismatch:
+        raise RunError(f"weights in {path} do not fit the configured model: {mismatch}")
     try:
         model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[0]
-        raise RunError(f"weights in {path} do not fit the configured model: {first}") from e
+    except RuntimeError as e:  # same keys, other shapes
+        raise RunError(
+            f"weights in {path} do not fit the configured model: {summarize_load_error(e)}"
+        ) from e
+    return metadata
+
+
+def _key_groups(keys: list[str], universe: list[str], limit: int = 3) -> str:
+    """``keys`` (a subset of ``universe``) named briefly: a module all of whose keys are in
+    ``keys`` becomes ``module.*`` (its outermost such module); the first ``limit`` names."""
+    chosen = set(keys)
+    names: list[str] = []
+    for key in keys:
+        parts = key.split(".")
+        name = key
+        for depth in range(1, len(parts)):
+            prefix = ".".join(parts[:depth]) + "."
+            if all(k in chosen for k in universe if k.startswith(prefix)):
+                name = prefix + "*"
+                break
+        if name not in names:
+            names.append(name)
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+def describe_key_mismatch(expected: dict[str, Any], given: dict[str, Any]) -> str:
+    """'' if the keys agree, else e.g. 'missing 27 keys (layer1.0.attention.*, ...);
+    unexpected 18 (...)'."""
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    parts = []
+    if missing:
+        keys = "key" if len(missing) == 1 else "keys"
+        parts.append(f"missing {len(missing)} {keys} ({_key_groups(missing, list(expected))})")
+    if unexpected:
+        parts.append(f"unexpected {len(unexpected)} ({_key_groups(unexpected, list(given))})")
+    if parts:
+        parts.append("was it trained with another model, attention or options?")
+    return "; ".join(parts)
+
+
+def summarize_load_error(error: RuntimeError, limit: int = 3) -> str:
+    """torch's multi-line load_state_dict error as one line: the first ``limit`` reasons."""
+    lines = [" ".join(line.split()) for line in str(error).strip().splitlines()[1:]]
+    lines = [line.rstrip(".") for line in lines if line]
+    if not lines:
+        return " ".join(str(error).split())[:300]
+    more = f"; ... (+{len(lines) - limit} more)" if len(lines) > limit else ""
+    return "; ".join(lines[:limit]) + more
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -64,14 +142,30 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
             f"no checkpoint {path}: the run stopped before its first checkpoint; start it "
             f"again with the same --out"
         )
+    not_ours = (
+        "is corrupt or not an attnzoo checkpoint; resume from an intact copy, or start the "
+        "run again in a new --out"
+    )
+    try:
+        is_archive = zipfile.is_zipfile(path)
+    except OSError as e:
+        raise RunError(f"cannot read checkpoint {path}: {describe_os_error(e)}") from e
+    if not is_archive:  # torch.save has written zip archives since torch 1.6
+        raise RunError(f"checkpoint {path} {not_ours} (not a torch zip archive)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # garbage bytes raise anything from KeyError to struct.error
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    except pickle.UnpicklingError as e:
+        # A well-formed file holding objects a weights-only load refuses: never offer to load
+        # it unsafely (torch's own message suggests weights_only=False).
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        what = f" (it holds {refused.group(1)})" if refused else ""
         raise RunError(
-            f"refusing or unable to load checkpoint {path}: {reason} "
-            "(only weights-only checkpoints written by attnzoo are accepted)"
+            f"checkpoint {path} holds objects other than tensors and plain values{what}: it was "
+            f"not written by attnzoo, which loads checkpoints weights-only and will not run "
+            f"code from them"
         ) from e
+    except Exception as e:  # garbage inside the archive raises anything from KeyError on
+        raise RunError(f"checkpoint {path} {not_ours} ({type(e).__name__})") from e
     if not isinstance(state, dict) or "model" not in state or "epoch" not in state:
         raise RunError(f"{path} is not an attnzoo checkpoint")
     return state

@@ -8,11 +8,12 @@ The fast training path, per device (``fastpath.DEVICE_CHOICES``):
 | setting | CPU (what this project runs on) | CUDA (not measured here) |
 | --- | --- | --- |
 | ``channels_last`` | on: a ResNet-56 step takes 0.86x the NCHW time | on: NHWC suits cuDNN's tensor-core convolutions |
-| autocast | off: bf16 made the step 11.5x slower on this CPU (no bf16 units) | bf16 would be the choice; the engine has no autocast setting yet |
+| ``precision`` | ``"auto"``: bf16 autocast on CPUs with bf16 instructions (0.6-0.9x the fp32 step), else fp32 (bf16 was 11.5x slower without them) | bf16 would be the choice; the engine does not drive CUDA yet |
 | ``compile`` | ``"auto"``: on only when the planned steps repay the 1.5-4.5 min compile (the rule is in ``fastpath.py``) | ``"auto"``, same rule |
 
-``compile`` is ``"auto"``, ``true`` or ``false`` (CLI ``--compile auto|on|off``); the run's
-checkpoints record what ``auto`` chose, and ``--resume`` keeps that choice.
+``compile`` is ``"auto"``, ``true`` or ``false`` (CLI ``--compile auto|on|off``), ``precision``
+``"auto"``, ``"fp32"``, ``"bf16"`` or ``"fp16"`` (CUDA only); the run's checkpoints record what
+``auto`` chose for each, and ``--resume`` keeps those choices.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..utils.io import read_yaml_mapping
+from ..utils.text import plural
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
 SCHEDULES = ("multistep", "cosine", "constant")
@@ -70,13 +72,17 @@ class TrainConfig:
     # torch.compile the training step: "auto" (decided when the run starts, see the module
     # docstring), true or false.
     compile: str | bool = "auto"
+    # Autocast of the forward pass: "auto" (bf16 where the CPU has bf16 instructions, else
+    # fp32; fastpath.decide_precision), "fp32", "bf16" or "fp16" (CUDA only).
+    precision: str = "auto"
 
     def validate(self) -> TrainConfig:
         from ..data.datasets import check_dataset
         from ..registry import check_attention, list_models
-        from .fastpath import check_compile
+        from .fastpath import check_compile, check_precision
 
         check_compile(self.compile)
+        check_precision(self.precision)
 
         for name in ("model", "dataset", "recipe", "schedule"):
             if not isinstance(getattr(self, name), str):
@@ -125,7 +131,8 @@ class TrainConfig:
             )
         if self.warmup_epochs >= self.epochs:
             raise ValueError(
-                f"warmup_epochs ({self.warmup_epochs}) must be < epochs ({self.epochs})"
+                f"warmup_epochs ({self.warmup_epochs}) must be < epochs ({self.epochs}); "
+                f"lower it with --warmup-epochs"
             )
         for name in ("train_subset", "test_subset"):
             if getattr(self, name) is not None:
@@ -187,9 +194,41 @@ def load_recipe(name: str) -> dict[str, Any]:
     return read_yaml_mapping(path, ValueError, "recipe")
 
 
-def resolve_config(recipe: str = "ham", **overrides: Any) -> TrainConfig:
-    """Recipe values, then the non-None overrides, validated."""
+def resolve_config(
+    recipe: str = "ham", notes: list[str] | None = None, **overrides: Any
+) -> TrainConfig:
+    """Recipe values, then the non-None overrides, validated.
+
+    A recipe's warmup that does not fit a run shortened with ``epochs`` (a one-epoch smoke
+    run of a recipe with one warmup epoch) keeps its share of the recipe's run instead of
+    failing; what was changed is appended to ``notes``. A warmup given explicitly is kept as
+    given (and must fit).
+    """
     values = load_recipe(recipe)
     values["recipe"] = recipe
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    recipe_epochs, recipe_warmup = values.get("epochs"), values.get("warmup_epochs") or 0
+    values.update(given)
+    epochs = values.get("epochs")
+    if (
+        "warmup_epochs" not in given
+        and _is_number(recipe_warmup)
+        and _is_number(recipe_epochs)
+        and _is_number(epochs)
+        and 0 < epochs <= recipe_warmup
+        and recipe_epochs > 0
+    ):
+        scaled = recipe_warmup * epochs / recipe_epochs
+        values["warmup_epochs"] = scaled
+        if notes is not None:
+            notes.append(
+                f"the {recipe} recipe's {plural(recipe_warmup, 'warmup epoch')} would not fit a "
+                f"{epochs}-epoch run: warming up for {scaled:.3g} epochs instead (the same share "
+                f"of the run as in the recipe's {plural(recipe_epochs, 'epoch')}; "
+                f"--warmup-epochs sets it)"
+            )
     return TrainConfig.from_dict(values).validate()
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -172,6 +172,10 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
             return super().forward(x)
         all_reduce = _AllReduceSum.apply
         self._check_input_dim(x)
+        # Statistics in float32 whatever the input (bf16 sums of a batch lose most digits,
+        # and a bf16 count is exact only up to 256); the output keeps the input's dtype.
+        dtype = x.dtype
+        x = x.float()
         dims = [0, *range(2, x.dim())]
         shape = [1, -1] + [1] * (x.dim() - 2)
         count = torch.tensor([x.numel() // x.shape[1]], dtype=x.dtype)
@@ -185,7 +189,7 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         y = centered * torch.rsqrt(var + self.eps).view(shape)
         if self.affine:
             y = y * self.weight.view(shape) + self.bias.view(shape)
-        return y
+        return y.to(dtype)
 
     @torch.no_grad()
     def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, n: torch.Tensor):

@@ -49,14 +49,18 @@ from ..utils.io import (
     describe_os_error,
     remove_temp_files,
 )
+from ..utils.machine import machine_info
+from ..utils.text import plural
 from .checkpoint import (
     RunError,
     load_checkpoint,
     load_weights,
     read_config,
     read_metrics,
+    read_weights_metadata,
     save_checkpoint,
     save_weights,
+    weights_metadata,
     write_metrics,
 )
 from .config import TrainConfig
@@ -75,9 +79,11 @@ from .distributed import (
 )
 from .fastpath import (
     MIN_COMPILED_STEPS,
+    autocast,
     compile_saving,
     compiled,
     decide_compile,
+    decide_precision,
     estimated_step_seconds,
     macs_per_image,
 )
@@ -153,14 +159,19 @@ def make_loaders(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Loader, ctx: DistContext = SINGLE) -> dict[str, float]:
-    """Top-1 / top-5 error (%) and mean loss over the loader (summed over processes)."""
+def evaluate(
+    model: nn.Module, loader: Loader, ctx: DistContext = SINGLE, precision: str = "fp32"
+) -> dict[str, float]:
+    """Top-1 / top-5 error (%) and mean loss over the loader (summed over processes), with the
+    forward pass in ``precision`` (a resolved one: fp32, bf16 or fp16)."""
     model.eval()
     total, loss_sum, top1, top5 = 0, 0.0, 0, 0
     for x, y in loader:
         if not len(y):  # this process's share of a short last batch
             continue
-        logits = model(x)
+        with autocast(precision):
+            logits = model(x)
+        logits = logits.float()
         loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
         k = min(5, logits.shape[1])
         top = logits.topk(k, dim=1).indices
@@ -340,6 +351,7 @@ class Trainer:
         )
         self.eager_model = wrap(self.model, ctx, cfg.sync_bn)  # DDP around it, or itself
         self.compiled, self.compile_reason = self._resolve_compile()
+        self.precision, self.precision_reason = decide_precision(cfg.precision)
         # state_dict() and evaluate() keep using the uncompiled self.model.
         self.train_model = compiled(self.eager_model) if self.compiled else self.eager_model
         self.epoch = 0  # epochs finished
@@ -375,6 +387,7 @@ class Trainer:
             "loader": self.train_loader.state_dict(),
             "progress": None if progress is None else progress.state(),
             "compiled": self.compiled,
+            "precision": self.precision,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -404,6 +417,11 @@ class Trainer:
                 self.train_model = (
                     compiled(self.eager_model) if compiled_before else self.eager_model
                 )
+            # Likewise the precision ``auto`` chose (checkpoints from before it: fp32).
+            precision_before = str(state.get("precision", "fp32"))
+            if precision_before != self.precision:
+                decide_precision(precision_before)  # a known one
+                self.precision, self.precision_reason = precision_before, "as the run started"
         except (KeyError, RuntimeError, ValueError, TypeError, IndexError, AttributeError) as e:
             raise RunError(f"checkpoint does not match this run: {one_line(e)}") from e
         self.saved = (self.epoch, self.step)
@@ -429,7 +447,7 @@ class Trainer:
         def write() -> None:
             # checkpoint.pt goes last: it is what resume trusts, so the files written before
             # it are never behind it (a crash in between only repeats that epoch's writes).
-            meta = {"epoch": str(self.epoch)}
+            meta = weights_metadata(epoch=self.epoch, precision=self.precision)
             path = self.out / "model.safetensors"
             self.write_file(path.name, lambda: save_weights(path, self.model, meta))
             self.write_file("metrics.jsonl", lambda: write_metrics(self.out, self.metrics))
@@ -496,8 +514,9 @@ class Trainer:
             lr = learning_rate(cfg, self.epoch + i / steps)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            output = model(x)
-            loss = training_loss(output, y)
+            with autocast(self.precision):
+                output = model(x)
+                loss = training_loss(output, y)
             logits = main_logits(output)
             finite = bool(torch.isfinite(loss))
             any_bad, stop_signal = max_of(ctx, not finite, _requested(stop))
@@ -569,7 +588,7 @@ class Trainer:
         while self.epoch < cfg.epochs:
             t0 = time.perf_counter() - (self.progress.train_time if self.progress else 0.0)
             row = {"epoch": self.epoch + 1, **self.train_epoch(stop)}
-            row.update(evaluate(self.model, self.test_loader, ctx))
+            row.update(evaluate(self.model, self.test_loader, ctx, self.precision))
             row["epoch_time"] = time.perf_counter() - t0
             self.wall_time += row["epoch_time"]
             self.epoch += 1
@@ -602,6 +621,9 @@ class Trainer:
             "final_top5_err": last["test_top5_err"],
             "best_top1_err": best["test_top1_err"],
             "best_epoch": best["epoch"],
+            "precision": self.precision,
+            "compiled": self.compiled,
+            "machine": machine_info(),
             "wall_time": self.wall_time,
             "loader_share": sum(r["loader_time"] for r in self.metrics)
             / max(sum(r["train_time"] for r in self.metrics), 1e-9),
@@ -707,10 +729,11 @@ def train(
         log(
             f"{cfg.model} + {cfg.attention or 'no attention'} on {cfg.dataset}: "
             f"{trainer.params:,} parameters, {trainer.train_loader.num_samples} training images, "
-            f"{cfg.epochs} epochs"
-            + (f", {ctx.world_size} processes" if ctx.active else "")
+            f"{plural(cfg.epochs, 'epoch')}"
+            + (f", {plural(ctx.world_size, 'process', 'processes')}" if ctx.active else "")
             + f" -> {out}"
         )
+        log(f"precision {trainer.precision} ({trainer.precision_reason})")
         if trainer.compiled:
             log(f"torch.compile ({trainer.compile_reason}); the first steps compile")
         with GracefulStop() as stop:
@@ -767,12 +790,14 @@ def evaluate_run(run_dir: str | os.PathLike, data_dir: str | None = None) -> dic
     torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
     data = load_data(cfg)
     model = build_model(cfg, data.num_classes)
-    load_weights(run_dir / "model.safetensors", model)
+    metadata = read_weights_metadata(load_weights(run_dir / "model.safetensors", model))
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     _, test = make_loaders(cfg, data)
-    result = evaluate(model, test)
-    result.update(params=count_parameters(model), images=test.num_samples)
+    # The precision the run evaluated in (weights from before the setting: fp32).
+    precision = metadata.get("precision", "fp32")
+    result = evaluate(model, test, precision=decide_precision(precision)[0])
+    result.update(params=count_parameters(model), images=test.num_samples, precision=precision)
     return result
 
 

@@ -1,4 +1,23 @@
-"""The fast training path: whether to ``torch.compile``, and what to pick per device.
+"""The fast training path: whether to ``torch.compile``, which precision, and what to pick
+per device.
+
+Precision (``TrainConfig.precision``, CLI ``--precision auto|fp32|bf16``). ``auto`` is
+resolved when a run starts by ``decide_precision`` and recorded in every checkpoint; a resume
+keeps it. On the CPU, ``auto`` is bf16 autocast where the CPU has bf16 instructions
+(AVX-512 bf16, or AMX bf16 tiles) and torch runs its AVX-512 kernels, and fp32 everywhere
+else, because bf16's speed depends on the CPU, not on the code. Measured with ``attnzoo bench
+--model resnet56 --attentions none se cbam ham --modes channels_last bf16 --repeats 5`` (2
+threads), bf16 step time over fp32 (docs/performance.md, "bf16 by CPU"):
+
+| CPU | plain | SE | CBAM | HAM |
+| --- | --- | --- | --- | --- |
+| Intel, AMX bf16 + AVX-512 bf16 (issue 11's machine) | 0.59x | 0.65x | 0.77x | 0.77x |
+| AMD EPYC, AVX-512 bf16, no AMX | 0.72x | 0.78x | 1.00x | 0.89x |
+| no bf16 instructions (the first machine of docs/performance.md) | 11.5x | | | |
+
+A forced lower ``ATEN_CPU_CAPABILITY`` gives fp32 (torch's bf16 kernels need AVX-512 there).
+``fp16`` (autocast plus a gradient scaler) is for CUDA devices, which this loop does not
+drive yet; on the CPU it is refused with the reason.
 
 ``TrainConfig.compile`` is ``"auto"`` (the default), ``True`` or ``False``. ``auto`` is
 resolved when a run starts, by ``decide_compile``; every checkpoint records the choice
@@ -32,10 +51,13 @@ and 1.08x with triplet (``COMPILE_SAVING_BY_ATTENTION``).
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
 from torch import nn
+
+from ..utils.machine import has_bf16_instructions
 
 COMPILE_CHOICES = ("auto", True, False)
 COMPILE_SECONDS = 300.0
@@ -47,9 +69,46 @@ CPU_MACS_PER_SECOND_PER_THREAD = 2.4e10
 
 # What the fast path picks on each device (the TrainConfig docstring has the reasons).
 DEVICE_CHOICES: dict[str, dict[str, Any]] = {
-    "cpu": {"channels_last": True, "autocast": None, "compile": "auto"},
+    "cpu": {"channels_last": True, "autocast": "bfloat16 if bf16 instructions", "compile": "auto"},
     "cuda": {"channels_last": True, "autocast": "bfloat16", "compile": "auto"},
 }
+
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def check_precision(value: Any) -> None:
+    if value not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {value!r}")
+
+
+def cpu_prefers_bf16() -> bool:
+    """bf16 autocast beats fp32 on this CPU: it has bf16 instructions (AVX-512 bf16 or AMX
+    bf16) and torch runs its AVX-512 kernels (a forced lower ``ATEN_CPU_CAPABILITY`` does not)."""
+    return has_bf16_instructions() and torch.backends.cpu.get_cpu_capability() == "AVX512"
+
+
+def decide_precision(setting: Any, device: str = "cpu") -> tuple[str, str]:
+    """Resolve ``precision`` ('auto', 'fp32', 'bf16', 'fp16') for a run: (precision, why)."""
+    check_precision(setting)
+    if device == "cpu" and setting == "fp16":
+        raise ValueError(
+            "precision fp16 needs a CUDA device (it trains with a gradient scaler); on the CPU "
+            "use bf16 or fp32"
+        )
+    if setting != "auto":
+        return setting, f"precision {setting}"
+    if cpu_prefers_bf16():
+        return "bf16", "auto: bf16 autocast, faster than fp32 on this CPU's bf16 instructions"
+    return "fp32", "auto: fp32, as this CPU (or the forced ATen level) has no fast bf16"
+
+
+def autocast(precision: str, device: str = "cpu") -> AbstractContextManager:
+    """The forward pass's autocast context for a resolved precision (none for fp32)."""
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device, dtype=AUTOCAST_DTYPES[precision])
 
 
 def check_compile(value: Any) -> None:

@@ -141,15 +141,25 @@ def attention_figure(
         axes[i, 0].set_title(f"true {name(labels[i])}", fontsize=9)
     for j, col in enumerate(columns, start=1):
         lo, hi = float(col.maps.min()), float(col.maps.max())
-        hi = hi if hi > lo else lo + 1e-6
+        if is_constant(lo, hi):
+            # A dead gate (HAM's spatial map stuck at 0.5, say): one flat colour, and said so,
+            # so that it does not look like a plotting fault.
+            label = f"constant map: {lo:.4g} everywhere"
+            lo, hi = lo - 1.0, lo + 1.0
+        else:
+            label = f"range {lo:.3g} .. {hi:.3g}"
         for i, image in enumerate(images):
             _overlay(axes[i, j], image, col.maps[i], lo, hi)
         axes[0, j].set_title(_wrap(col.title), fontsize=8)
         axes[0, j].text(
-            0.5, -0.02, f"range {lo:.3g} .. {hi:.3g}", transform=axes[0, j].transAxes,
-            ha="center", va="top", fontsize=7,
+            0.5, -0.02, label, transform=axes[0, j].transAxes, ha="center", va="top", fontsize=7,
         )  # fmt: skip
     return fig
+
+
+def is_constant(lo: float, hi: float) -> bool:
+    """A map whose values span less than float32 rounding of their size is constant."""
+    return hi - lo <= 1e-6 * max(1.0, abs(lo), abs(hi))
 
 
 @dataclass

@@ -329,3 +329,16 @@ def test_wrn_dropout_sits_between_the_convs():
     block = model.layer1[0]
     assert isinstance(block.dropout, nn.Dropout) and block.dropout.p == 0.3
     assert n_params(model) == PARAMS["wrn16_8", "B"]
+
+
+def test_num_classes_defaults_to_each_models_natural_value():
+    """10 for the CIFAR models, 1000 for the ImageNet ones (timm's and torchvision's)."""
+    from attnzoo.registry import default_num_classes
+
+    imagenet = {"resnet18", "resnet34", "resnet50", "resnet101", "resnext50_32x4d"}
+    imagenet |= {"mobilenet_v2", "wide_resnet18_1_5", "wide_resnet18_2"}
+    for name in attnzoo.list_models():
+        assert default_num_classes(name) == (1000 if name in imagenet else 10), name
+    assert attnzoo.create_model("resnet50").fc.out_features == 1000
+    assert attnzoo.create_model("resnet20").fc.out_features == 10
+    assert attnzoo.create_model("resnet50", num_classes=7).fc.out_features == 7

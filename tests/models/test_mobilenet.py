@@ -48,8 +48,9 @@ def pair():
 def test_parameter_count(pair):
     ours, reference = pair
     assert n_params(ours) == n_params(reference) == 3_504_872
-    # 10 classes: the classifier loses 990 * (1280 + 1).
-    assert n_params(attnzoo.create_model("mobilenet_v2")) == 3_504_872 - 990 * 1281
+    # The default is ImageNet's 1000 classes, as torchvision's; 10 classes lose 990 * 1281.
+    assert n_params(attnzoo.create_model("mobilenet_v2")) == 3_504_872
+    assert n_params(attnzoo.create_model("mobilenet_v2", num_classes=10)) == 3_504_872 - 990 * 1281
 
 
 def test_same_names_and_shapes_as_torchvision(pair):
@@ -87,11 +88,11 @@ def test_width_mult_matches_torchvision():
 def test_every_module_level_attention_in_every_block(attention):
     """Attention keys are the only additions; every block has one, on its output channels."""
     torch.manual_seed(0)
-    model = attnzoo.create_model("mobilenet_v2", attention=attention, stem="cifar")
+    model = attnzoo.create_model("mobilenet_v2", num_classes=10, attention=attention, stem="cifar")
     assert len(blocks(model)) == 17
     assert all(isinstance(b.attention, attention_class(attention)) for b in blocks(model))
     assert [b.attention.channels for b in blocks(model)] == BLOCK_CHANNELS
-    plain_keys = set(attnzoo.create_model("mobilenet_v2").state_dict())
+    plain_keys = set(attnzoo.create_model("mobilenet_v2", num_classes=10).state_dict())
     extra = set(model.state_dict()) - plain_keys
     assert plain_keys <= set(model.state_dict())
     assert all(".attention." in k for k in extra)
@@ -134,7 +135,7 @@ def test_stages_are_views_of_features():
     ("stem", "sizes"), [("imagenet", [32, 16, 8, 4, 2]), ("cifar", [32, 32, 16, 8, 4])]
 )
 def test_stem_resolutions(stem, sizes):
-    model = attnzoo.create_model("mobilenet_v2", stem=stem).eval()
+    model = attnzoo.create_model("mobilenet_v2", num_classes=10, stem=stem).eval()
     assert n_params(model) == 2_236_682
     with torch.no_grad():
         size = 64 if stem == "imagenet" else 32
@@ -156,7 +157,7 @@ def test_stem_resolutions(stem, sizes):
 def test_forward_backward(attention, placement):
     torch.manual_seed(0)
     model = attnzoo.create_model(
-        "mobilenet_v2", attention=attention, placement=placement, stem="cifar"
+        "mobilenet_v2", num_classes=10, attention=attention, placement=placement, stem="cifar"
     ).train()
     out = model(torch.randn(2, 3, 32, 32))
     assert out.shape == (2, 10)
@@ -166,15 +167,15 @@ def test_forward_backward(attention, placement):
 
 
 def test_placement_stage_and_final():
-    model = attnzoo.create_model("mobilenet_v2", attention="se", placement="stage")
+    model = attnzoo.create_model("mobilenet_v2", num_classes=10, attention="se", placement="stage")
     assert [m.channels for m in model.stage_attention] == [16, 24, 32, 96]
     assert all(isinstance(b.attention, nn.Identity) for b in blocks(model))
-    model = attnzoo.create_model("mobilenet_v2", attention="se", placement="final")
+    model = attnzoo.create_model("mobilenet_v2", num_classes=10, attention="se", placement="final")
     assert model.final_attention.channels == 1280
 
 
 def test_bridge_reads_expansion_and_depthwise_outputs():
-    model = attnzoo.create_model("mobilenet_v2", attention="bridge")
+    model = attnzoo.create_model("mobilenet_v2", num_classes=10, attention="bridge")
     earlier = [b.attention.earlier_channels for b in blocks(model)]
     assert earlier[0] == (32,) and earlier[1] == (96, 96) and earlier[-1] == (960, 960)
 
@@ -182,7 +183,9 @@ def test_bridge_reads_expansion_and_depthwise_outputs():
 @pytest.mark.parametrize("attention", ["abn", "bridge_head"])
 def test_model_level_attention(attention):
     torch.manual_seed(0)
-    model = attnzoo.create_model("mobilenet_v2", attention=attention, stem="cifar").train()
+    model = attnzoo.create_model(
+        "mobilenet_v2", num_classes=10, attention=attention, stem="cifar"
+    ).train()
     out = model(torch.randn(2, 3, 32, 32))
     training_loss(out, torch.tensor([0, 1])).backward()
     assert main_logits(out).shape == (2, 10)
@@ -195,7 +198,7 @@ def test_model_level_attention(attention):
 
 
 def test_make_stage_is_fresh_and_plain():
-    model = attnzoo.create_model("mobilenet_v2", attention="se")
+    model = attnzoo.create_model("mobilenet_v2", num_classes=10, attention="se")
     stage = model.make_stage(2, stride=1)
     assert len(stage) == 3 and stage[0].stride == 1
     assert all(isinstance(b.attention, nn.Identity) for b in stage)
@@ -205,21 +208,21 @@ def test_make_stage_is_fresh_and_plain():
 
 def test_bad_options():
     with pytest.raises(ValueError, match="unknown stem 'tiny'; choose one of: imagenet, cifar"):
-        attnzoo.create_model("mobilenet_v2", stem="tiny")
+        attnzoo.create_model("mobilenet_v2", num_classes=10, stem="tiny")
     with pytest.raises(ValueError, match="unknown placement 'x'; choose one of: block"):
-        attnzoo.create_model("mobilenet_v2", attention="se", placement="x")
+        attnzoo.create_model("mobilenet_v2", num_classes=10, attention="se", placement="x")
     with pytest.raises(ValueError, match="width_mult must be positive"):
         MobileNetV2(width_mult=0)
     with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\)"):
         MobileNetV2(dropout=1.0)
     with pytest.raises(ValueError, match="unknown option"):
-        attnzoo.create_model("mobilenet_v2", shortcut="B")
+        attnzoo.create_model("mobilenet_v2", num_classes=10, shortcut="B")
     with pytest.raises(ValueError, match=r"expects images shaped \(N, 3, H, W\)"):
-        attnzoo.create_model("mobilenet_v2")(torch.randn(1, 1, 32, 32))
+        attnzoo.create_model("mobilenet_v2", num_classes=10)(torch.randn(1, 1, 32, 32))
     with pytest.raises(ValueError, match="stride must be 1 or 2"):
         InvertedResidual(16, 16, 3, 6, lambda c, earlier_channels=(): nn.Identity())
 
 
 def test_in_chans():
-    model = attnzoo.create_model("mobilenet_v2", in_chans=1, stem="cifar").eval()
+    model = attnzoo.create_model("mobilenet_v2", num_classes=10, in_chans=1, stem="cifar").eval()
     assert model(torch.randn(1, 1, 16, 16)).shape == (1, 10)

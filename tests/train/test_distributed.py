@@ -55,6 +55,7 @@ ARGS = [
     "--lr", "0.002", "--epochs", "6", "--train-subset", "128", "--batch-size", "32",
     "--threads", "1", "--sync-bn", "--no-channels-last", "--no-progress",
     "--checkpoint-every-steps", "3",
+    "--precision", "fp32",  # the tolerances above were measured in fp32
 ]  # fmt: skip
 
 
@@ -127,6 +128,27 @@ def test_sync_batchnorm_keeps_the_state_dict_and_is_batchnorm_without_a_group():
     x = torch.randn(6, 4, 5, 5)
     assert torch.equal(converted[1](x), reference(x))
     assert torch.equal(converted[1].running_var, reference.running_var)
+
+
+def test_sync_batchnorm_statistics_stay_float32_under_bf16_autocast():
+    """With bf16 inputs (autocast), the synced statistics are summed in float32 (a bf16 sum
+    over a batch keeps ~3 digits) and the running buffers stay float32."""
+    import torch.distributed as dist
+
+    store = dist.HashStore()
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        sync = distributed.convert_sync_batchnorm(nn.BatchNorm2d(4)).train()
+        reference = nn.BatchNorm2d(4).train()
+        x = torch.randn(8, 4, 5, 5) * 3 + 100  # a large mean: bf16 sums would lose it
+        y = sync(x.to(torch.bfloat16))
+        reference(x)
+        assert y.dtype == torch.bfloat16 and sync.running_mean.dtype == torch.float32
+        torch.testing.assert_close(sync.running_mean, reference.running_mean, rtol=1e-3, atol=0)
+        torch.testing.assert_close(sync.running_var, reference.running_var, rtol=0.05, atol=0)
+    finally:
+        dist.destroy_process_group()
 
 
 def test_single_process_context():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import shutil
 from pathlib import Path
 
@@ -13,10 +14,11 @@ import torch
 import torch.nn.functional as F
 import yaml
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from attnzoo.data import Split
 from attnzoo.train import RunError, engine, evaluate_run, resolve_config, resume, train
+from attnzoo.train.fastpath import decide_precision
 
 METRIC_KEYS = {
     "epoch",
@@ -125,8 +127,13 @@ def test_run_directory_files(finished_run):
 def test_weights_and_checkpoint_agree(finished_run):
     weights = load_file(str(finished_run / "model.safetensors"))
     with safe_open(str(finished_run / "model.safetensors"), "pt") as f:
-        assert f.metadata() == {"epoch": "2"}
+        metadata = f.metadata()
     state = torch.load(finished_run / "checkpoint.pt", weights_only=True)
+    assert metadata == {"attnzoo": json.dumps({"epoch": 2, "precision": state["precision"]})}
+    assert state["precision"] == decide_precision("auto")[0]  # what this CPU does best
+    summary = json.loads((finished_run / "summary.json").read_text())
+    assert summary["precision"] == state["precision"]
+    assert summary["machine"]["cpu"] and summary["machine"]["torch"] == torch.__version__
     assert state["epoch"] == 2 and state["step"] == 2 * 256 // 64
     assert weights.keys() == state["model"].keys()
     for name, tensor in weights.items():
@@ -208,7 +215,7 @@ def test_crash_while_saving_the_last_epoch_is_repaired_by_resume(tmp_path, monke
     rows = read_metrics(run)
     assert [r["epoch"] for r in rows] == [1, 2]
     with safe_open(str(run / "model.safetensors"), "pt") as f:
-        assert f.metadata() == {"epoch": "2"}
+        assert json.loads(f.metadata()["attnzoo"])["epoch"] == 2
     assert summary["final_top1_err"] == evaluate_run(run)["test_top1_err"]
 
 
@@ -289,8 +296,24 @@ def test_checkpoint_of_another_model(finished_run, tmp_path):
     (run / "config.yaml").write_text(yaml.safe_dump(config))
     with pytest.raises(RunError, match="does not match this run"):
         resume(run, log=quiet)
-    with pytest.raises(RunError, match="do not fit the configured model"):
+    with pytest.raises(RunError, match="do not fit the configured model") as error:
         evaluate_run(run)
+    # The useful part survives the one-line message: which keys, grouped by module.
+    message = str(error.value)
+    assert "\n" not in message
+    assert re.search(r"unexpected \d+ \(layer1\.0\.attention\.\*, ", message), message
+    assert "missing" not in message  # the plain model's keys are all in the file
+
+
+def test_weights_of_another_shape(finished_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    weights = load_file(str(run / "model.safetensors"))
+    weights["fc.bias"] = torch.zeros(7)
+    save_file(weights, str(run / "model.safetensors"))
+    with pytest.raises(RunError, match=r"size mismatch for fc\.bias: .*\[7\]") as error:
+        evaluate_run(run)
+    assert "\n" not in str(error.value)
 
 
 class WriteMarkerWhenUnpickled:
@@ -318,9 +341,27 @@ def test_malicious_checkpoint_is_refused_without_running_it(
     else:
         path.write_bytes(pickle.dumps(evil))
     assert not marker.exists()
-    with pytest.raises(RunError, match="refusing or unable to load checkpoint"):
+    with pytest.raises(RunError, match="not written by attnzoo|not an attnzoo checkpoint") as e:
         resume(run_without_checkpoint, log=quiet)
     assert not marker.exists()
+    assert "weights_only" not in str(e.value)  # never torch's advice to load it unsafely
+
+
+@pytest.mark.parametrize("damage", ["random bytes", "truncated", "empty"])
+def test_corrupt_checkpoint_is_named_corrupt(finished_run, tmp_path, damage):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    path = run / "checkpoint.pt"
+    data = path.read_bytes()
+    damaged = {
+        "random bytes": np.random.default_rng(0).bytes(4096),
+        "truncated": data[: len(data) // 2],
+        "empty": b"",
+    }[damage]
+    path.write_bytes(damaged)
+    with pytest.raises(RunError, match="is corrupt or not an attnzoo checkpoint") as e:
+        resume(run, log=quiet)
+    assert "weights_only" not in str(e.value) and "\n" not in str(e.value)
 
 
 def test_corrupt_config(finished_run, tmp_path):

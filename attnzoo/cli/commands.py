@@ -1,0 +1,222 @@
+"""The other commands: ``eval``, ``profile``, ``bench``, ``reproduce``, ``report``,
+``visualize`` and ``list``. Each only parses its arguments and calls the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .parser import parse_mapping
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from ..train import evaluate_run
+
+    result = evaluate_run(args.run, args.data_dir)
+    if args.json:
+        print(json.dumps(result, indent=2, sort_keys=True))
+    else:
+        print(
+            f"{args.run}: top-1 error {result['test_top1_err']:.2f}%, top-5 error "
+            f"{result['test_top5_err']:.2f}% on {result['images']} test images "
+            f"({result['params']:,} params)"
+        )
+    return 0
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..measure import ModelSpec, format_profile, profile
+    from ..registry import check_attention
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    attention = None if args.attention in (None, "none") else args.attention
+    attention_kwargs = parse_mapping("--attention-kwargs", args.attention_kwargs) or {}
+    check_attention(attention, attention_kwargs)
+    spec = ModelSpec(
+        args.model,
+        attention,
+        attention_kwargs,
+        parse_mapping("--model-kwargs", args.model_kwargs) or {},
+        args.num_classes,
+    )
+    spec.build()  # bad names and options fail here, before any measurement
+    result = profile(
+        spec,
+        input_size=args.input_size,
+        batch_size=args.batch_size,
+        repeats=args.repeats,
+        timing=not args.no_timing,
+        memory=not args.no_memory,
+        threads=args.threads,
+    )
+    print(json.dumps(result, indent=2, sort_keys=True) if args.json else format_profile(result))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..measure.bench import bench, check_modes, format_bench
+    from ..measure.efficiency import efficiency, format_efficiency
+    from ..measure.sweep import SWEEP_ATTENTIONS, format_sweep, plot_sweep, sweep
+    from ..registry import check_attention, list_models
+
+    if args.sweep and (args.timm or args.efficiency):
+        raise ValueError("--sweep cannot be combined with --timm or --efficiency")
+    args.model = args.model or ("resnet20" if args.sweep else "resnet56")
+    args.attentions = args.attentions or (
+        list(SWEEP_ATTENTIONS) if args.sweep else ["none", "se", "eca", "cbam", "ham"]
+    )
+    if args.repeats is None:
+        args.repeats = 2 if args.sweep else 10
+    if args.warmup is None:
+        args.warmup = 1 if args.sweep else 2
+    if args.model not in list_models():
+        raise ValueError(f"unknown model {args.model!r}; choose one of: {', '.join(list_models())}")
+    for name in args.attentions:
+        check_attention(None if name == "none" else name)
+    check_modes(args.modes)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    common = dict(
+        num_classes=args.num_classes,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        model_kwargs=parse_mapping("--model-kwargs", args.model_kwargs),
+    )
+    if args.sweep or args.efficiency:
+        if len(args.modes) != 1:
+            raise ValueError("--sweep and --efficiency take one mode")
+    if args.sweep:
+        result = sweep(
+            args.model,
+            args.attentions,
+            args.batch_sizes,
+            args.input_sizes,
+            args.modes[0],
+            max_step_s=args.max_step_s if args.max_step_s > 0 else None,
+            memory_gib=args.memory_gib if args.memory_gib > 0 else None,
+            **common,
+        )
+        if args.plot:
+            plot_sweep(result, args.plot)
+        text = format_sweep(result)
+    elif args.efficiency:
+        result = efficiency(
+            args.model,
+            args.attentions,
+            args.modes[0],
+            args.batch_size,
+            args.input_size,
+            matmul_size=args.matmul_size,
+            **common,
+        )
+        text = format_efficiency(result)
+    else:
+        result = bench(
+            args.model,
+            args.attentions,
+            args.modes,
+            batch_size=args.batch_size,
+            input_size=args.input_size,
+            timm=args.timm,
+            **common,
+        )
+        text = format_bench(result)
+    print(json.dumps(result, indent=2) if args.json else text)
+    return 0
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from ..experiments.reproduce import reproduce
+    from ..train import Interrupted
+
+    try:
+        result = reproduce(
+            args.table,
+            args.rows,
+            epochs=args.epochs,
+            budget=args.budget,
+            seeds=args.seeds,
+            dataset=args.dataset,
+            data_dir=args.data_dir,
+            out=args.out,
+            train_subset=args.train_subset,
+            test_subset=args.test_subset,
+            model=args.model,
+            recipe=args.recipe,
+            threads=args.threads,
+        )
+    except Interrupted as e:
+        print(f"attnzoo: {e}; run the same reproduce command again to continue", file=sys.stderr)
+        return e.exit_code
+    c = result["counts"]
+    print(
+        f"done: {c['trained']} trained, {c['resumed']} resumed, {c['finished_before']} finished "
+        f"before; next: attnzoo report {args.table} --out {args.out}"
+    )
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from ..experiments.report import report
+
+    paths = report(args.table, out=args.out, markdown=args.markdown)
+    print(paths[0].read_text())
+    print(f"wrote {', '.join(str(p) for p in paths)}")
+    return 0
+
+
+def cmd_visualize(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..viz import visualize
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    result = visualize(
+        args.run,
+        args.images,
+        out=args.out,
+        data_dir=args.data_dir,
+        seed=args.seed,
+        method=args.method,
+        cam_class=args.cam_class,
+    )
+    for reason in result["skipped"]:
+        print(f"skipped {reason}")
+    print(f"wrote {', '.join(str(p) for p in result['written'])}")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from .. import list_attentions, list_models
+    from ..data import list_datasets
+    from ..experiments.spec import list_tables
+    from ..train import list_recipes
+
+    tables = {
+        "models": list_models(),
+        "attentions": list_attentions(),
+        "datasets": list_datasets(),
+        "recipes": list_recipes(),
+        "tables": list_tables(),
+    }
+    for name, items in tables.items():
+        if args.what in (None, name):
+            print(f"{name}: {', '.join(items)}")
+        if name == "attentions" and args.what in (None, name):
+            # Not drop-in C -> C modules: they go in blocks only, or wrap the whole network.
+            for level in ("block", "model"):
+                print(f"{level}-level attentions: {', '.join(list_attentions(level=level))}")
+    return 0
