@@ -4,14 +4,18 @@
     python benchmarks/params_table.py ham_table4 gam_table1     # some tables only
     python benchmarks/params_table.py --no-macs                 # parameters only, fast
 
-The last section, "Differences over 0.5%, explained", renders the ``params_notes`` of the
-specs (see attnzoo/experiments/spec.py): for each note, its rows (paper, ours, diff) and
-the text; a flagged row that no note covers is listed there as not explained yet. Each
-note's id is shown beside its rows' diff in the tables.
+The last sections, "Differences over 0.5%, explained" and "FLOPs differences over 5%,
+explained", render the ``params_notes`` and ``flops_notes`` of the specs (see
+attnzoo/experiments/spec.py): for each note, its rows (paper, ours, diff) and the text; a
+flagged row that no note covers is listed as not explained yet. Each note's id is shown
+beside its rows' diff in the tables. The FLOPs comparison converts the paper's column to
+MACs by the table's ``paper_gflops`` (HAM: 2 x MACs, GAM: MACs);
+tests/experiments/test_fidelity.py fails when a row drifts past its tolerance.
 
 Each row is built exactly as its spec in attnzoo/experiments/<table>.yaml says (model,
 attention, options, classes, input size) and counted with attnzoo.measure: parameters,
-and MACs of one forward pass on one image (torch.utils.flop_counter; FLOPs = 2 x MACs).
+and MACs of one forward pass on one image (torch.utils.flop_counter on the meta device:
+shapes only, so the whole set takes seconds; FLOPs = 2 x MACs).
 The papers' "FLOPs"/"GFLOPs" columns are printed as given: HAM's are 2 x MACs, GAM's
 are MACs (the conventions differ between papers; see docs/params.md).
 """
@@ -33,17 +37,21 @@ from attnzoo.measure import count_flops, count_params
 DIFF_NOTE = 0.5  # percent: differences above this are flagged for explanation
 
 
+FLOPS_NOTE = 5.0  # percent: FLOPs differences above this need a flops note
+
+
 def row_counts(row, macs: bool = True) -> tuple[int, int | None]:
-    model = create_model(
-        row.model,
-        num_classes=row.num_classes,
-        attention=row.attention,
-        attention_kwargs=row.attention_kwargs,
-        **row.model_kwargs,
-    )
+    with torch.device("meta"):  # parameters and FLOPs from shapes alone
+        model = create_model(
+            row.model,
+            num_classes=row.num_classes,
+            attention=row.attention,
+            attention_kwargs=row.attention_kwargs,
+            **row.model_kwargs,
+        )
+        x = torch.empty(1, 3, row.input_size, row.input_size)
     if not macs:
         return count_params(model), None
-    x = torch.randn(1, 3, row.input_size, row.input_size)
     return count_params(model), count_flops(model, x) // 2
 
 
@@ -71,8 +79,8 @@ def table_markdown(key: str, macs: bool = True) -> tuple[str, list[dict]]:
         "",
         f"{table.caption}. Spec: `attnzoo/experiments/{key}.yaml`.",
         "",
-        "| row | model, options | params (M) | paper (M) | diff | MACs (G) | 2 x MACs (G) | paper GFLOPs | param MiB | paper Memory(M) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| row | model, options | params (M) | paper (M) | diff | MACs (G) | 2 x MACs (G) | paper GFLOPs | paper as MACs (G) | MACs diff | param MiB | paper Memory(M) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     records = []
     for row in table.rows:
@@ -81,6 +89,13 @@ def table_markdown(key: str, macs: bool = True) -> tuple[str, list[dict]]:
         pm = paper.get("params_m")
         diff, flagged = compare(params, pm)
         ids = table.notes_for(row.name)
+        paper_macs = table.paper_macs(row)
+        macs_diff, macs_flagged = "-", False
+        if paper_macs and n_macs is not None:
+            d = 100 * (n_macs / 1e9 - paper_macs) / paper_macs
+            macs_flagged = abs(d) > FLOPS_NOTE
+            macs_diff = f"{d:+.1f}%" + (" **" if macs_flagged else "")
+        flops_ids = [n.id for n in table.flops_notes_for(row.name)]
         records.append(
             {
                 "table": table,
@@ -89,8 +104,15 @@ def table_markdown(key: str, macs: bool = True) -> tuple[str, list[dict]]:
                 "diff": diff,
                 "flagged": flagged,
                 "notes": ids,
+                "macs": n_macs,
+                "paper_macs": paper_macs,
+                "macs_diff": macs_diff,
+                "macs_flagged": macs_flagged,
+                "flops_notes": flops_ids,
             }
         )
+        if flops_ids:
+            macs_diff += " [" + ", ".join(flops_ids) + "]"
         if ids:
             diff += " [" + ", ".join(ids) + "]"
         opts = [row.model, f"{row.num_classes} classes", f"{row.input_size}px"]
@@ -105,12 +127,20 @@ def table_markdown(key: str, macs: bool = True) -> tuple[str, list[dict]]:
         )
         lines.append(
             f"| {row.name} | {'; '.join(opts)} | {params / 1e6:.3f} | {fmt(pm, '.2f')} | {diff} "
-            f"| {mac_cells} | {fmt(paper.get('gflops'), '.2f')} "
-            f"| {params * 4 / 2**20:.2f} | {fmt(paper.get('memory_mib'), '.2f')} |"
+            f"| {mac_cells} | {fmt(paper.get('gflops'), '.2f')} | {fmt(paper_macs, '.3f')} "
+            f"| {macs_diff} | {params * 4 / 2**20:.2f} | {fmt(paper.get('memory_mib'), '.2f')} |"
         )
     if table.params_notes:
         ids = ", ".join(f"[{i}]" for i in dict.fromkeys(n.id for n in table.params_notes))
         lines += ["", f"Parameter differences of this table: {ids}, explained at the end."]
+    if table.paper_gflops:
+        lines += [
+            "",
+            f"The paper's GFLOPs column counts {table.paper_gflops}; `paper as MACs` converts it.",
+        ]
+    if table.flops_notes:
+        ids = ", ".join(f"[{i}]" for i in dict.fromkeys(n.id for n in table.flops_notes))
+        lines += [f"FLOPs differences of this table: {ids}, explained at the end."]
     return "\n".join(lines), records
 
 
@@ -153,6 +183,44 @@ def explained_markdown(keys: list[str], records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def flops_explained_markdown(keys: list[str], records: list[dict]) -> str:
+    """The "FLOPs differences over 5%, explained" section: every flops note of ``keys``."""
+    notes = params_notes(keys, kind="flops_notes")
+    lines = [
+        "## FLOPs differences over 5%, explained",
+        "",
+        "Each note gives its rows, the paper's FLOPs as MACs, ours and the tolerance the test "
+        "holds the row to (`tests/experiments/test_fidelity.py`; 5% for rows without a note). "
+        "Notes are the `flops_notes` of the specs.",
+    ]
+    for note_id, note in notes.items():
+        lines += [
+            "",
+            f"### [{note_id}] {note.title}",
+            "",
+            "| table | row | paper MACs (G) | ours (G) | diff | tolerance |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        for r in records:
+            if note_id in r["flops_notes"] and r["macs"] is not None:
+                tolerance = max(n.tolerance_pct for n in r["table"].flops_notes_for(r["row"].name))
+                lines.append(
+                    f"| {r['table'].paper.split(' (')[0]} {r['table'].table} | {r['row'].name} "
+                    f"| {r['paper_macs']:.3f} | {r['macs'] / 1e9:.3f} | {r['macs_diff']} "
+                    f"| {tolerance:g}% |"
+                )
+        lines += ["", note.text]
+    unexplained = [r for r in records if r["macs_flagged"] and not r["flops_notes"]]
+    if unexplained:
+        lines += ["", "### Not explained yet", ""]
+        lines += [
+            f"- {r['table'].paper.split(' (')[0]} {r['table'].table}, {r['row'].name}: "
+            f"{r['macs_diff']}"
+            for r in unexplained
+        ]
+    return "\n".join(lines)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("tables", nargs="*", help=f"default: all of {', '.join(list_tables())}")
@@ -168,7 +236,9 @@ def main() -> int:
         "paper's two decimals, is the paper's number; `**` marks any other difference over "
         f"{DIFF_NOTE}%. MACs are multiply-accumulates of one forward pass on one image "
         "(torch.utils.flop_counter, conv/linear/matmul/attention products; elementwise ops "
-        "not counted). HAM's GFLOPs column equals 2 x MACs; GAM's equals MACs. "
+        "not counted). HAM's GFLOPs column equals 2 x MACs; GAM's equals MACs; `MACs diff` "
+        "compares ours with the paper's column converted to MACs, `**` marking differences "
+        f"over {FLOPS_NOTE:g}%. "
         "Memory(M) in the HAM tables is parameters x 4 bytes in MiB. A `[note]` after a diff "
         'names the note of the last section, "Differences over 0.5%, explained", that covers '
         "the row.",
@@ -182,6 +252,9 @@ def main() -> int:
         out.append("")
     out.append(explained_markdown(keys, records))
     out.append("")
+    if not args.no_macs:
+        out.append(flops_explained_markdown(keys, records))
+        out.append("")
     out.append(f"Generated in {time.perf_counter() - start:.0f} s, torch {torch.__version__}.")
     print("\n".join(out))
     return 0

@@ -1,9 +1,9 @@
 """Bridge attention: channel attention fed by the earlier layers of a block.
 
 BA-Net (Zhao, Chen, Zhang, Zhang, "BA-Net: Bridge Attention for Deep Convolutional Neural
-Networks", arXiv:2112.04150), as used by the enhanced channel-wise attention paper (seed
-002). A residual block computes X_1, ..., X_n with its convolutions; X_n is the output of
-its last BN. With z_i = GAP(X_i) in R^{C_i}:
+Networks", arXiv:2112.04150, as cited by seed 002), as used by the enhanced channel-wise
+attention paper (seed 002: Bagora, Sreeteja, Harini T K, Choudhary, Haque). A residual
+block computes X_1, ..., X_n with its convolutions; X_n is the output of its last BN. With z_i = GAP(X_i) in R^{C_i}:
 
     s_i = BN_i(W_i z_i),            W_i: C_i -> C/r, no bias    (one projection per layer)
     S   = s_1 + ... + s_n                                       (fusion by summation)

@@ -1,6 +1,7 @@
 """The seed-002 network variant: a bridge from every stage to the classifier.
 
-Seed 002 ("Enhanced channel-wise attention based CNN") proposes, besides BA-Net's
+Seed 002 (Bagora, Sreeteja, Harini T K, Choudhary, Haque, "Enhanced Channel-Wise Attention
+Based CNN", a course project) proposes, besides BA-Net's
 per-block bridge (``bridge``), a network-level one: the global average pool of each
 stage's output is taken, the descriptors are concatenated and a learnable linear layer
 maps them to the width of the last stage, which the classifier then reads:

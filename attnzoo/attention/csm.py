@@ -45,6 +45,18 @@ Variants (the paper's ablations):
 Cost: the spatial map is quadratic in HW (HW = 1024 in stage 1 of a CIFAR ResNet). torch's
 fused attention kernel never stores the HW x HW matrix, so memory stays linear in HW, but
 time is quadratic.
+
+"Lightweight"? The abstract calls the module lightweight and Sec. 4 says it reduces
+computing time; neither holds for the module as its equations define it, wherever it goes.
+The paper never says where the module is placed. We place it as SE and CBAM are placed (in
+every residual block, the backbone's default): ResNet-50 + CSM at 224x224 is then 88.5M
+parameters and 32.1 GMACs, against 25.6M and 4.09 GMACs plain (docs/params.md), because
+Fig. 3's full-width B and C (``qk_reduction=1``) add 2C^2 parameters per block and the
+position attention's (HW)^2 C products dominate in the early stages (layer1: 56x56 = 3,136
+positions). ``qk_reduction=8`` (DANet's width) still gives 53.3M and 26.3 GMACs: D keeps
+C^2 per block and the (HW)^2 cost stays. ``placement="stage"`` or ``"final"`` (one module per stage boundary or on
+the last map) make it cheap, and are the readings to try if "lightweight" is what the paper
+meant. The tables' rows use the per-block placement and say so.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""GAM: Global Attention Mechanism (Liu, Shao, Hoffmann, arXiv:2112.05561, 2021).
+"""GAM: Global Attention Mechanism (Liu, Shao, Hoffmann, "Global Attention Mechanism: Retain
+Information to Enhance Channel-Spatial Interactions", 2021; the paper in ../shared/papers).
 
 Sequential channel-then-spatial refinement, as in CBAM (GAM Eqs. 1-2):
     F2 = M_c(F1) * F1                                                   (Eq. 1)

@@ -1,4 +1,4 @@
-"""HAM: Hybrid Attention Module (Li, Fang, Yang, Yang, Li, Pattern Recognition 124, 2022).
+"""HAM: Hybrid Attention Module (Li, Fang, Zha, Gao, Zheng, Pattern Recognition, 2022).
 
 The module refines F (N, C, H, W) in two steps (HAM Eqs. 1-4):
     F'  = A_C(F) * F                                 (Eq. 1, channel refined feature)

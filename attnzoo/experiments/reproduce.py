@@ -108,6 +108,9 @@ def check_budget(budget: float | None, epochs: int | None) -> None:
         raise ValueError(f"--epochs must be a positive int, got {epochs!r}")
 
 
+RUN_LENGTH_KEYS = ("epochs", "warmup_epochs")  # set per run from the budget, below
+
+
 def planned_epochs(
     recipe_epochs: int, epochs: int | None = None, budget: float | None = None
 ) -> int:
@@ -177,6 +180,7 @@ def plan_runs(
 ) -> tuple[Table, list[PlannedRun]]:
     """Check everything and decide what each run needs, before any training."""
     from ..data.datasets import list_datasets
+    from ..registry import default_num_classes
     from ..train import load_recipe, resolve_config
 
     table = load_table(table_key)
@@ -193,6 +197,13 @@ def plan_runs(
     runs = []
     for slug, row in selected:
         name = dataset or row.dataset
+        row = row.for_dataset(name)  # the row's own model/recipe for that dataset, if any
+        if name == "imagenet" and not model and default_num_classes(row.model) != 1000:
+            raise ValueError(
+                f"row {row.name!r} of {table_key} has no ImageNet model: {row.model} is a "
+                f"network for 32x32 images and the spec's dataset_settings name none for "
+                f"imagenet; choose one with --model (e.g. resnet50)"
+            )
         if name not in list_datasets():
             raise ValueError(
                 f"row {row.name!r} of {table_key} is on dataset {name!r}, which is not "
@@ -200,16 +211,24 @@ def plan_runs(
                 f"{', '.join(list_datasets())}"
             )
         recipe_name = recipe or row.recipe
-        recipe_cfg = load_recipe(recipe_name)
+        # The row's own training settings (the paper's batch for it, say) apply on top of
+        # whichever recipe runs it.
+        row_settings = dict(row.recipe_overrides)
+        recipe_cfg = {**load_recipe(recipe_name), **row_settings}
         recipe_epochs = int(recipe_cfg["epochs"])
         run_epochs = planned_epochs(recipe_epochs, epochs, budget)
         # A shortened run keeps the recipe's shape: milestones are fractions already, and
         # the warmup shrinks by the same factor.
         warmup = recipe_cfg.get("warmup_epochs") or 0
-        warmup = warmup * run_epochs / recipe_epochs if run_epochs != recipe_epochs else None
+        if run_epochs != recipe_epochs:
+            warmup = warmup * run_epochs / recipe_epochs
+        elif "warmup_epochs" not in row_settings:
+            warmup = None  # the recipe's own
         for seed in range(seeds):
+            settings = {k: v for k, v in row_settings.items() if k not in RUN_LENGTH_KEYS}
             cfg = resolve_config(
                 recipe_name,
+                **settings,
                 model=model or row.model,
                 attention=row.attention,
                 attention_kwargs=dict(row.attention_kwargs),

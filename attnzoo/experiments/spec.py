@@ -17,8 +17,14 @@ row: how to build it in attnzoo and the numbers the paper reports::
 
 Row keys: ``name``, ``model``, optional ``attention``, ``attention_kwargs``,
 ``model_kwargs``, ``note``, and the shared settings (``dataset``, ``num_classes``,
-``input_size``, ``recipe``), which a row may override. ``paper`` holds what the paper
-prints, in the paper's units: ``params_m`` (millions), ``gflops`` (the paper's own
+``input_size``, ``recipe``), which a row may override; ``defaults`` may hold any row key.
+The mappings ``attention_kwargs``, ``model_kwargs`` and ``recipe_overrides`` of a row are
+merged into the table's defaults (a row with ``model_kwargs: {placement: final}`` keeps the
+table's stem). ``recipe_overrides`` sets training keys of this row on top of its recipe
+(``{batch_size: 64}``: the paper trained the row with another batch), and ``metric`` says
+what the paper's number is of each run: ``final`` (default, the last epoch's test error)
+or ``mean_over_epochs`` (the mean test error over all epochs). ``paper`` holds what the
+paper prints, in the paper's units: ``params_m`` (millions), ``gflops`` (the paper's own
 FLOPs column, whatever it counts), ``memory_mib``, and per-dataset ``top1_err`` /
 ``top5_err`` / ``top1_acc`` in percent.
 
@@ -40,7 +46,7 @@ A table may also explain where our parameter counts differ from the paper's
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -60,10 +66,24 @@ ROW_KEYS = {
     "num_classes",
     "input_size",
     "recipe",
+    "recipe_overrides",
+    "metric",
+    "dataset_settings",
 }
+# What a row may change when it runs on another dataset than its own (``dataset_settings``).
+DATASET_SETTING_KEYS = {"model", "model_kwargs", "attention_kwargs", "recipe", "recipe_overrides"}
 SHARED_KEYS = {"dataset", "num_classes", "input_size", "recipe"}
+MERGED_KEYS = ("attention_kwargs", "model_kwargs", "recipe_overrides")  # defaults + row
+# What a row's paper number is of each run: the last epoch's test error ("final"), or the
+# mean of the test error over all epochs ("mean_over_epochs", seed 002's SE row).
+METRICS = ("final", "mean_over_epochs")
 PAPER_KEYS = {"params_m", "gflops", "memory_mib", "top1_err", "top5_err", "top1_acc"}
-NOTE_KEYS = {"id", "title", "rows", "text"}
+NOTE_KEYS = {"id", "title", "rows", "text", "tolerance_pct"}
+# What a paper's "GFLOPs" column counts (``paper_gflops`` of a table): HAM's are 2 x MACs,
+# GAM's are MACs. Our count is checked against it; a row further off than FLOPS_TOLERANCE_PCT
+# needs a ``flops_notes`` entry that explains it and gives the row's own tolerance.
+PAPER_GFLOPS = ("2xMACs", "MACs")
+FLOPS_TOLERANCE_PCT = 5.0
 
 
 @dataclass(frozen=True)
@@ -79,6 +99,21 @@ class Row:
     recipe: str
     paper: dict
     note: str = ""
+    recipe_overrides: dict = field(default_factory=dict)
+    metric: str = "final"
+    dataset_settings: dict = field(default_factory=dict)
+
+    def for_dataset(self, dataset: str) -> Row:
+        """This row as it runs on ``dataset``: its ``dataset_settings[dataset]`` applied (the
+        paper's ImageNet model and recipe for a row whose own model is a CIFAR network)."""
+        settings = self.dataset_settings.get(dataset)
+        if not settings:
+            return self
+        changes = {k: v for k, v in settings.items() if k in ("model", "recipe")}
+        for key in ("model_kwargs", "attention_kwargs", "recipe_overrides"):
+            if key in settings:
+                changes[key] = {**getattr(self, key), **settings[key]}
+        return replace(self, **changes)
 
 
 @dataclass(frozen=True)
@@ -90,6 +125,7 @@ class ParamsNote:
     rows: tuple[str, ...]
     title: str = ""
     text: str = ""
+    tolerance_pct: float | None = None  # flops notes: how far the covered rows may be off
 
 
 @dataclass(frozen=True)
@@ -101,10 +137,22 @@ class Table:
     caption: str
     rows: list[Row] = field(default_factory=list)
     params_notes: list[ParamsNote] = field(default_factory=list)
+    paper_gflops: str | None = None  # what the paper's GFLOPs column counts (PAPER_GFLOPS)
+    flops_notes: list[ParamsNote] = field(default_factory=list)
 
     def notes_for(self, row_name: str) -> list[str]:
         """The ids of the params notes that cover the row ``row_name``."""
         return [n.id for n in self.params_notes if row_name in n.rows]
+
+    def flops_notes_for(self, row_name: str) -> list[ParamsNote]:
+        return [n for n in self.flops_notes if row_name in n.rows]
+
+    def paper_macs(self, row: Row) -> float | None:
+        """The paper's FLOPs column of ``row`` converted to MACs (G), or None."""
+        gflops = row.paper.get("gflops")
+        if gflops is None or self.paper_gflops is None:
+            return None
+        return float(gflops) / (2 if self.paper_gflops == "2xMACs" else 1)
 
 
 def list_tables() -> list[str]:
@@ -119,6 +167,12 @@ def _row(key: str, i: int, raw: Any, defaults: dict) -> Row:
     if unknown:
         raise ValueError(f"{where}: unknown key(s) {unknown}; valid: {sorted(ROW_KEYS)}")
     values = {**defaults, **raw}
+    for name in MERGED_KEYS:  # a row adds to (or changes) the table's mappings
+        if isinstance(defaults.get(name), dict) and isinstance(raw.get(name), dict):
+            values[name] = {**defaults[name], **raw[name]}
+    settings = _dataset_settings(
+        where, defaults.get("dataset_settings"), raw.get("dataset_settings")
+    )
     missing = sorted({"name", "model", "dataset", "num_classes", "input_size"} - set(values))
     if missing:
         raise ValueError(f"{where}: missing {missing}")
@@ -129,6 +183,18 @@ def _row(key: str, i: int, raw: Any, defaults: dict) -> Row:
     attention = values.get("attention")
     attention = None if attention in NO_ATTENTION else attention
     check_attention(attention, values.get("attention_kwargs") or {})
+    overrides = values.get("recipe_overrides") or {}
+    if not isinstance(overrides, dict):
+        raise ValueError(f"{where}: recipe_overrides must be a mapping, got {overrides!r}")
+    from ..train.config import TrainConfig
+
+    fields = {f for f in TrainConfig.__dataclass_fields__}
+    bad = sorted(set(overrides) - fields)
+    if bad:
+        raise ValueError(f"{where}: recipe_overrides has unknown key(s) {bad}")
+    metric = values.get("metric", "final")
+    if metric not in METRICS:
+        raise ValueError(f"{where}: unknown metric {metric!r}; choose one of: {METRICS}")
     paper = values.get("paper") or {}
     bad = sorted(set(paper) - PAPER_KEYS)
     if bad:
@@ -145,11 +211,39 @@ def _row(key: str, i: int, raw: Any, defaults: dict) -> Row:
         recipe=values.get("recipe", "ham"),
         paper=dict(paper),
         note=str(values.get("note", "")),
+        recipe_overrides=dict(overrides),
+        metric=metric,
+        dataset_settings=settings,
     )
 
 
-def _params_notes(key: str, raw: Any, row_names: list[str]) -> list[ParamsNote]:
-    where = f"table {key!r}, params_notes"
+def _dataset_settings(where: str, *layers: Any) -> dict[str, dict]:
+    """``dataset_settings`` of the table's defaults, then of the row, merged per dataset."""
+    merged: dict[str, dict] = {}
+    for layer in layers:
+        if layer is None:
+            continue
+        if not isinstance(layer, dict) or not all(isinstance(v, dict) for v in layer.values()):
+            raise ValueError(f"{where}: dataset_settings maps a dataset to settings, got {layer!r}")
+        for dataset, settings in layer.items():
+            bad = sorted(set(settings) - DATASET_SETTING_KEYS)
+            if bad:
+                raise ValueError(
+                    f"{where}: dataset_settings[{dataset}] has unknown key(s) {bad}; valid: "
+                    f"{sorted(DATASET_SETTING_KEYS)}"
+                )
+            if "model" in settings and settings["model"] not in list_models():
+                raise ValueError(
+                    f"{where}: dataset_settings[{dataset}]: unknown model {settings['model']!r}"
+                )
+            merged[dataset] = {**merged.get(dataset, {}), **settings}
+    return merged
+
+
+def _params_notes(
+    key: str, raw: Any, row_names: list[str], kind: str = "params_notes"
+) -> list[ParamsNote]:
+    where = f"table {key!r}, {kind}"
     if raw is None:
         return []
     if not isinstance(raw, list):
@@ -173,21 +267,39 @@ def _params_notes(key: str, raw: Any, row_names: list[str]) -> list[ParamsNote]:
         title, text = str(item.get("title", "")).strip(), str(item.get("text", "")).strip()
         if bool(title) != bool(text):
             raise ValueError(f"{here} ({note_id}): give both title and text, or neither")
-        notes.append(ParamsNote(id=note_id, rows=tuple(rows), title=title, text=text))
+        tolerance = item.get("tolerance_pct")
+        if kind == "flops_notes" and not (
+            isinstance(tolerance, (int, float))
+            and not isinstance(tolerance, bool)
+            and tolerance > 0
+        ):
+            raise ValueError(f"{here} ({note_id}): a flops note needs tolerance_pct > 0")
+        notes.append(
+            ParamsNote(
+                id=note_id,
+                rows=tuple(rows),
+                title=title,
+                text=text,
+                tolerance_pct=None if tolerance is None else float(tolerance),
+            )
+        )
     return notes
 
 
-def params_notes(keys: list[str] | None = None) -> dict[str, ParamsNote]:
-    """Every params note id of the tables ``keys`` (default: all) -> the entry that holds its
-    title and text, looked up in all tables. Raises if an id has no text or two."""
+def params_notes(
+    keys: list[str] | None = None, kind: str = "params_notes"
+) -> dict[str, ParamsNote]:
+    """Every note id of the tables ``keys`` (default: all) -> the entry that holds its title
+    and text, looked up in all tables. Raises if an id has no text or two. ``kind``:
+    ``params_notes`` or ``flops_notes``."""
     defining: dict[str, ParamsNote] = {}
     for key in list_tables():
-        for note in load_table(key).params_notes:
+        for note in getattr(load_table(key), kind):
             if note.text:
                 if note.id in defining:
                     raise ValueError(f"params note {note.id!r} has its text twice (table {key!r})")
                 defining[note.id] = note
-    wanted = [n.id for k in (keys or list_tables()) for n in load_table(k).params_notes]
+    wanted = [n.id for k in (keys or list_tables()) for n in getattr(load_table(k), kind)]
     missing = sorted({i for i in wanted if i not in defining})
     if missing:
         raise ValueError(f"params note(s) {missing} have no title and text in any table")
@@ -200,8 +312,10 @@ def load_table(key: str) -> Table:
         raise ValueError(f"unknown table {key!r}; choose one of: {', '.join(list_tables())}")
     data = read_yaml_mapping(TABLE_DIR / f"{key}.yaml", ValueError, f"table {key!r}")
     defaults = data.get("defaults") or {}
-    if not isinstance(defaults, dict) or set(defaults) - (SHARED_KEYS | {"model_kwargs"}):
-        raise ValueError(f"table {key!r}: defaults may only set {sorted(SHARED_KEYS)}")
+    allowed = SHARED_KEYS | {"model_kwargs", "attention_kwargs", "recipe_overrides"}
+    allowed |= {"dataset_settings", "metric"}
+    if not isinstance(defaults, dict) or set(defaults) - allowed:
+        raise ValueError(f"table {key!r}: defaults may only set {sorted(allowed)}")
     rows = data.get("rows")
     if not isinstance(rows, list) or not rows:
         raise ValueError(f"table {key!r}: needs a non-empty list of rows")
@@ -214,4 +328,23 @@ def load_table(key: str) -> Table:
         caption=str(data.get("caption", "")),
         rows=table_rows,
         params_notes=_params_notes(key, data.get("params_notes"), [r.name for r in table_rows]),
+        paper_gflops=_paper_gflops(key, data.get("paper_gflops"), table_rows),
+        flops_notes=_params_notes(
+            key, data.get("flops_notes"), [r.name for r in table_rows], "flops_notes"
+        ),
     )
+
+
+def _paper_gflops(key: str, value: Any, rows: list[Row]) -> str | None:
+    if value is None:
+        if any("gflops" in r.paper for r in rows):
+            raise ValueError(
+                f"table {key!r}: rows give paper GFLOPs, so paper_gflops must say what they "
+                f"count: one of {PAPER_GFLOPS}"
+            )
+        return None
+    if value not in PAPER_GFLOPS:
+        raise ValueError(
+            f"table {key!r}: paper_gflops must be one of {PAPER_GFLOPS}, got {value!r}"
+        )
+    return value

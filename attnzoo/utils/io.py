@@ -79,10 +79,31 @@ def atomic_write_yaml(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, yaml.safe_dump(obj, sort_keys=False))
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (plain YAML keeps the
+    last one silently, so a row's second ``model_kwargs`` would drop the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+            except TypeError:  # an unhashable key: the base class reports it
+                break
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} given twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml_mapping(path: str | os.PathLike, error: type[Exception], what: str) -> dict:
-    """Parse ``path`` as a YAML mapping; any failure raises ``error`` naming ``what``."""
+    """Parse ``path`` as a YAML mapping (a key given twice is an error); any failure raises
+    ``error`` naming ``what``."""
     try:
-        values = yaml.safe_load(Path(path).read_text())
+        values = yaml.load(Path(path).read_text(), Loader=_UniqueKeyLoader)
     except (OSError, yaml.YAMLError, UnicodeDecodeError, RecursionError) as e:
         reason = " ".join(str(e).split()) or type(e).__name__  # YAML errors span lines
         raise error(f"cannot read {what} {path}: {reason}") from e
