@@ -62,8 +62,13 @@ Defaults, and the choices the paper leaves open:
   ResNet-18 + GAM, and a stride-2 pool before the convs would drop its FLOPs to 1.99G; the
   tables rule out both. Our reading, ``pool=True``: a 3x3 max-pool with stride 1 and
   padding 1 on the spatial submodule's input, M_s(maxpool(F2)), and F3 = M_s * F2. It keeps
-  the feature size and adds no parameters. The stride change is a backbone matter and is
-  not done here.
+  the feature size and adds no parameters. The stride change is not implemented because
+  the tables rule it out: in a torchvision ResNet the first block (layer1's) has stride 1,
+  and a stride of 2 there would run every later stage on a quarter of the positions,
+  about a quarter of the backbone's MACs, while every ImageNet row of Tables 2-4 matches
+  the full-resolution count (ResNet-18 1.82G, ours 1.814G; ResNet-50 + GAM 24.66G, ours
+  24.64G; docs/params.md). Whatever the sentence meant, the networks the tables measured
+  did not have it.
 - ``channel=False`` / ``spatial=False`` drop a submodule: Table 3's "GAM (sp)" and
   "GAM (ch)" rows.
 """

@@ -69,7 +69,7 @@ parameters x 4 bytes in MiB, confirms this setting (ResNet-18: 41.96; a 7x7 stem
 has HAM's count, see docs/params.md, note [resnext50]). GAM's tables use torchvision's
 setting for ImageNet and ``stem="cifar"``, ``shortcut="B"`` with 100 classes for CIFAR-100
 (ResNet-50: 23,705,252, GAM: 23.71M). In GAM's tables the ABN rows match with
-``map_kernel_size=3`` (21.61M, 43.58M) and the SE rows only with bias-free FC layers, which
+``map_kernel_size=3`` (21.61M, 43.58M; abn.py has the numbers) and the SE rows only with bias-free FC layers, which
 ``se`` does not offer (ours: 11.78M, 28.09M, 26.24M; GAM: 11.78M, 28.07M, 26.22M).
 tests/models/test_resnet.py checks every table row that matches.
 """

@@ -32,6 +32,20 @@ TINY = [
 ]  # fmt: skip
 
 
+# The same run as a TrainConfig (resolve_config("digits", **TINY_CONFIG)): resnet20 on 64
+# digits, batch 32, 2 steps per epoch, 2 epochs.
+TINY_CONFIG = dict(
+    dataset="digits",
+    model="resnet20",
+    epochs=2,
+    train_subset=64,
+    test_subset=32,
+    batch_size=32,
+    threads=1,
+    progress=False,
+)
+
+
 def attnzoo(*args: object) -> list[str]:
     """The command line of ``python -m attnzoo ARGS`` in this interpreter."""
     return [sys.executable, "-m", "attnzoo", *(str(a) for a in args)]

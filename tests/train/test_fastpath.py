@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import yaml
+from run_helpers import TINY_CONFIG
 from torch import nn
 
 import attnzoo
@@ -20,17 +21,7 @@ from attnzoo.train.fastpath import (
     macs_per_image,
 )
 
-# resnet20 on 64 digits, batch 32: 2 steps per epoch.
-TINY = dict(
-    dataset="digits",
-    model="resnet20",
-    epochs=2,
-    train_subset=64,
-    test_subset=32,
-    batch_size=32,
-    threads=1,
-    progress=False,
-)
+TINY = TINY_CONFIG  # resnet20 on 64 digits, batch 32: 2 steps per epoch
 
 
 def test_auto_is_off_for_too_few_steps() -> None:
