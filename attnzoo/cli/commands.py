@@ -154,6 +154,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
             model=args.model,
             recipe=args.recipe,
             threads=args.threads,
+            jobs=args.jobs,
         )
     except Interrupted as e:
         print(f"attnzoo: {e}; run the same reproduce command again to continue", file=sys.stderr)

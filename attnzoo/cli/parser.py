@@ -237,7 +237,16 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--test-subset", type=int, metavar="N", help="first N test images only")
     rp.add_argument("--model", help="run every row on this model instead of the row's")
     rp.add_argument("--recipe", help="train every row with this recipe instead of the row's")
-    rp.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    rp.add_argument(
+        "--threads", type=int, help="torch threads per run (default: the cores / --jobs)"
+    )
+    rp.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        metavar="K",
+        help="run K cells (row x seed) at a time, each in its own process (default 1)",
+    )
 
     rr = sub.add_parser("report", help="Markdown table and plots of a table's finished runs")
     rr.add_argument("table", help=f"paper table, as given to `attnzoo reproduce`: {table_names()}")

@@ -13,6 +13,9 @@ Numbers, per row:
   reports its SE number so);
 - "best of n" is the lowest of those errors over the n seeds: HAM reports the best of 10
   runs, and the column beside the mean shows how much such a selection alone gains;
+- "detectable diff" is the smallest true paired difference the seeds would detect with 80%
+  power at the 5% level ((t_0.975 + t_0.8) std / sqrt(n), from the paired differences' std),
+  and "seeds for 0.3" how many seeds that spread needs for a 0.3-point difference;
 - the paper's number is for the dataset the runs used; a paper accuracy becomes
   100 - accuracy;
 - the paired comparison takes, for every seed both this row and the table's first row
@@ -107,7 +110,35 @@ def paired(baseline: RowResult, result: RowResult) -> dict[str, Any]:
         "std": std,
         "ci95": (mean - half, mean + half),
         "verdict": verdict,
+        "detectable": detectable_difference(std, n),
+        "seeds_needed": seeds_needed(std, TARGET_DIFFERENCE),
     }
+
+
+# The effect size the report asks about: how many seeds would show a 0.3-point difference.
+TARGET_DIFFERENCE = 0.3
+POWER = 0.8
+
+
+def detectable_difference(std: float, n: int, power: float = POWER) -> float:
+    """The smallest true paired difference that ``n`` seeds detect (95% two-sided test) with
+    probability ``power``, if the paired differences have standard deviation ``std``:
+    (t_0.975 + t_power) x std / sqrt(n), Student's t with n - 1 degrees of freedom."""
+    from scipy.stats import t as student_t
+
+    df = max(n - 1, 1)
+    return (student_t.ppf(0.975, df) + student_t.ppf(power, df)) * std / math.sqrt(n)
+
+
+def seeds_needed(std: float, difference: float, power: float = POWER, most: int = 10_000) -> int:
+    """The fewest seeds whose ``detectable_difference`` is at most ``difference`` (``most``
+    if even that many are not enough), taking ``std`` as the paired differences' spread."""
+    if std <= 0:
+        return 2
+    n = 2
+    while n < most and detectable_difference(std, n, power) > difference:
+        n += 1
+    return n
 
 
 def _finished_run(path: Path) -> RunResult | None:
@@ -206,6 +237,7 @@ def render_markdown(
     if show_top5:
         head += ["paper top-5 err %"]
     head += ["params (M)", "MACs (G)", f"paired diff vs {baseline.row.name}", "verdict"]
+    head += ["detectable diff", f"seeds for {TARGET_DIFFERENCE:g}"]
     lines = [
         f"# {table.paper}, {table.table}",
         "",
@@ -239,13 +271,17 @@ def render_markdown(
         params = statistics.fmean(x.params for x in r.runs)
         cells += [f"{params / 1e6:.3f}", "-" if r.macs is None else f"{r.macs / 1e9:.3f}"]
         if r is baseline:
-            cells += ["-", "baseline"]
+            cells += ["-", "baseline", "-", "-"]
         elif not baseline.runs:
-            cells += ["-", "baseline not run"]
+            cells += ["-", "baseline not run", "-", "-"]
         else:
             p = paired(baseline, r)
             diff = "-" if p["mean"] is None else _fmt(p["mean"], p["std"], signed=True)
             cells += [f"{diff} (n={p['n']})", p["verdict"]]
+            if p.get("detectable") is None:
+                cells += ["-", "-"]
+            else:
+                cells += [f"{p['detectable']:.2f}", str(p["seeds_needed"])]
         lines.append("| " + " | ".join(cells) + " |")
     missing = [r.row.name for r in results if not r.runs]
     unfinished = sum(r.unfinished for r in results)
@@ -258,7 +294,12 @@ def render_markdown(
         "column is the mean ± std over seeds of "
         f'(row - {baseline.row.name}) for the seeds both finished; the verdict is "inside the '
         "noise\" when the 95% confidence interval of that mean (Student's t, n - 1 degrees of "
-        "freedom) contains 0."
+        "freedom) contains 0. `detectable diff` is the smallest true difference these seeds "
+        f"would detect with {POWER:.0%} power at that 5% level, given the spread of the paired "
+        "differences ((t_0.975 + t_0.8) x std / sqrt(n)); `seeds for "
+        f"{TARGET_DIFFERENCE:g}` is how many seeds that spread needs to detect a "
+        f"{TARGET_DIFFERENCE:g}-point difference. A null verdict with a detectable difference "
+        "larger than the effect in question means too few runs, not no effect."
     ]
     if any(r.recipe_epochs and min(x.epochs for x in r.runs) < r.recipe_epochs for r in done):
         notes.append(

@@ -44,6 +44,7 @@ class PlannedRun:
     cfg: Any  # TrainConfig
     out: Path
     state: str  # "done" (skip), "resume" or "train"
+    recipe_epochs: int = 0  # the full run's epochs: the recipe's, or the row's own
 
 
 def slugify(name: str) -> str:
@@ -243,7 +244,7 @@ def plan_runs(
                 threads=threads,
             )
             path = run_dir(out, table_key, slug, seed)
-            runs.append(PlannedRun(row, slug, seed, cfg, path, run_state(path, cfg)))
+            runs.append(PlannedRun(row, slug, seed, cfg, path, run_state(path, cfg), recipe_epochs))
     return table, runs
 
 
@@ -303,11 +304,14 @@ def reproduce(
     recipe: str | None = None,
     threads: int | None = None,
     log: Callable[[str], None] = print,
+    jobs: int = 1,
 ) -> dict[str, Any]:
     """Run (or finish) every selected row x seed of ``table_key``; returns the plan written.
 
     The returned dict is plan.json's content plus ``counts``: how many runs were trained,
-    resumed, or skipped because they had finished.
+    resumed, or skipped because they had finished. ``jobs`` > 1 runs that many cells at a
+    time, each in its own process (``parallel.py``); a failed cell does not stop the
+    others, and ``RunError`` names the failures at the end.
     """
     from ..train import load_recipe, resume, train
 
@@ -351,7 +355,7 @@ def reproduce(
     shapes: dict = {}
     for run in runs:
         entry = plan_rows.get(run.slug)
-        recipe_epochs = int(load_recipe(run.cfg.recipe)["epochs"])
+        recipe_epochs = run.recipe_epochs or int(load_recipe(run.cfg.recipe)["epochs"])
         fresh = {
             "name": run.row.name,
             "model": run.cfg.model,
@@ -393,6 +397,8 @@ def reproduce(
         f"{table_key}: {len(runs)} runs ({len(runs) - len(todo)} finished before, "
         f"{len(todo)} to do) -> {table_dir}"
     )
+    if jobs != 1:
+        return _reproduce_parallel(todo, jobs, threads, plan, plan_rows, save, counts, log)
     for i, run in enumerate(todo, 1):
         status = plan_rows[run.slug]["seeds"][str(run.seed)]
         action = "resuming" if run.state == "resume" else "training"
@@ -412,4 +418,32 @@ def reproduce(
             raise
         status["status"] = "finished"
         save()
+    return {**plan, "counts": counts}
+
+
+def _reproduce_parallel(todo, jobs, threads, plan, plan_rows, save, counts, log) -> dict:
+    """The cells of ``todo`` in ``jobs`` processes (parallel.py), plan.json kept current."""
+    from ..train import RunError
+    from .parallel import run_cells
+
+    def status(run: PlannedRun) -> dict:
+        return plan_rows[run.slug]["seeds"][str(run.seed)]
+
+    def on_start(run: PlannedRun) -> None:
+        status(run)["status"] = "running"
+        save()
+
+    def on_end(run: PlannedRun, outcome: str, code: int) -> None:
+        status(run)["status"] = outcome
+        if outcome == "finished":
+            counts["resumed" if run.state == "resume" else "trained"] += 1
+        save()
+
+    failed = run_cells(todo, jobs, threads, on_start, on_end, log=log)
+    if failed:
+        names = ", ".join(f"{run.row.name} seed {run.seed} (exit {code})" for run, code in failed)
+        raise RunError(
+            f"{len(failed)} of {len(todo)} cells failed: {names}; the others finished. Their "
+            f"logs are above; run the same command again to retry them"
+        )
     return {**plan, "counts": counts}

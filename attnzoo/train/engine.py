@@ -751,10 +751,17 @@ def resume(
     run_dir: str | os.PathLike,
     log: Callable[[str], None] = print,
     ctx: DistContext | None = None,
+    threads: int | None = None,
 ) -> dict[str, Any]:
-    """Continue the run in ``run_dir`` from its last checkpoint (with any number of processes)."""
+    """Continue the run in ``run_dir`` from its last checkpoint (with any number of processes).
+
+    ``threads`` replaces the run's torch threads (a speed setting: the results are the same),
+    for a resume that shares the machine differently than the start did."""
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
+    if threads is not None:
+        cfg.threads = threads
+        cfg.validate()
     ctx = ctx or from_env()
     log = log if ctx.is_main else quiet
     with claimed_run_dir(run_dir, ctx, fresh=False):

@@ -238,3 +238,35 @@ def test_citations_name_the_papers_authors():
     assert "Yang" not in first
     spec = load_table("ham_table4").paper
     assert json.dumps(spec)  # a string, cited as in the paper
+
+
+def test_plan_records_a_rows_own_run_length(tmp_path):
+    """seed 002's ResNet-50 row is a 25-epoch run: its full budget is 25, not the recipe's 150."""
+    from attnzoo.experiments.reproduce import reproduce
+
+    _, runs = plan_runs("bridge_table1", ["ResNet50"], budget=0.2, out=tmp_path)
+    assert runs[0].recipe_epochs == 25
+    with pytest.raises(KeyboardInterrupt):  # stop before any training: the plan is written
+        reproduce(
+            "bridge_table1", ["ResNet50"], budget=0.2, out=tmp_path, dataset="digits",
+            log=lambda m: (_ for _ in ()).throw(KeyboardInterrupt) if m.startswith("[") else None,
+        )  # fmt: skip
+    plan = json.loads((tmp_path / "bridge_table1" / "plan.json").read_text())
+    entry = plan["rows"]["resnet50"]
+    assert (entry["recipe_epochs"], entry["epochs"], entry["budget"]) == (25, 5, 0.2)
+
+
+def test_detectable_difference_and_seeds_needed():
+    from attnzoo.experiments.report import detectable_difference, paired, seeds_needed
+
+    # t_0.975 + t_0.8 with 2 degrees of freedom: 4.303 + 1.061 = 5.364
+    assert detectable_difference(1.0, 3) == pytest.approx(5.364 / 3**0.5, rel=1e-3)
+    n = seeds_needed(0.5, 0.3)
+    assert detectable_difference(0.5, n) <= 0.3 < detectable_difference(0.5, n - 1)
+    assert seeds_needed(0.0, 0.3) == 2
+    base, row = RowResult(None, "a"), RowResult(None, "b")
+    base.runs = [run_result(s, [e]) for s, e in enumerate((9.0, 8.0, 7.0))]
+    row.runs = [run_result(s, [e]) for s, e in enumerate((8.5, 8.0, 6.0))]
+    p = paired(base, row)
+    assert p["detectable"] == pytest.approx(detectable_difference(p["std"], 3))
+    assert p["seeds_needed"] == seeds_needed(p["std"], 0.3)
