@@ -135,6 +135,26 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def slurm_options(args: argparse.Namespace):
+    from ..experiments.cluster import SlurmOptions
+
+    slurm_flags = [k for k, v in vars(args).items() if k.startswith("slurm_") and v]
+    if args.launcher is None and set(slurm_flags) - {"slurm_time"}:
+        raise ValueError("--slurm-* options need --launcher slurm")
+    if args.launcher is not None and args.jobs != 1:
+        raise ValueError("--jobs runs cells here; with --launcher the scheduler runs them")
+    return SlurmOptions(
+        partition=args.slurm_partition,
+        gpus=args.slurm_gpus,
+        cpus=args.slurm_cpus,
+        time_min=args.slurm_time,
+        account=args.slurm_account,
+        mem_gb=args.slurm_mem_gb,
+        parallel=args.slurm_parallel,
+        folder=args.slurm_folder,
+    )
+
+
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from ..experiments.reproduce import reproduce
     from ..train import Interrupted
@@ -155,11 +175,19 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
             recipe=args.recipe,
             threads=args.threads,
             jobs=args.jobs,
+            launcher=args.launcher,
+            slurm=slurm_options(args),
         )
     except Interrupted as e:
         print(f"attnzoo: {e}; run the same reproduce command again to continue", file=sys.stderr)
         return e.exit_code
     c = result["counts"]
+    if args.launcher == "slurm":
+        print(
+            f"submitted {c.get('submitted', 0)} Slurm job(s) ({c['finished_before']} finished "
+            f"before); when they are done: attnzoo report {args.table} --out {args.out}"
+        )
+        return 0
     print(
         f"done: {c['trained']} trained, {c['resumed']} resumed, {c['finished_before']} finished "
         f"before; next: attnzoo report {args.table} --out {args.out}"

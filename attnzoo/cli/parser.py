@@ -247,6 +247,22 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="K",
         help="run K cells (row x seed) at a time, each in its own process (default 1)",
     )
+    rp.add_argument(
+        "--launcher",
+        choices=["slurm", "local"],
+        help="submit every cell as a job through submitit: slurm (a job array; returns at once) "
+        "or local (the same jobs as local processes); needs pip install submitit",
+    )
+    rp.add_argument("--slurm-partition", help="Slurm partition")
+    rp.add_argument("--slurm-account", help="Slurm account")
+    rp.add_argument("--slurm-gpus", type=int, default=0, help="GPUs per job (default 0)")
+    rp.add_argument("--slurm-cpus", type=int, help="CPUs per job")
+    rp.add_argument("--slurm-mem-gb", type=float, help="memory per job, GiB")
+    rp.add_argument(
+        "--slurm-time", type=int, default=24 * 60, metavar="MIN", help="time limit per job"
+    )
+    rp.add_argument("--slurm-parallel", type=int, help="most array jobs running at once")
+    rp.add_argument("--slurm-folder", help="submitit's logs (default <out>/<table>/slurm)")
 
     rr = sub.add_parser("report", help="Markdown table and plots of a table's finished runs")
     rr.add_argument("table", help=f"paper table, as given to `attnzoo reproduce`: {table_names()}")

@@ -305,13 +305,18 @@ def reproduce(
     threads: int | None = None,
     log: Callable[[str], None] = print,
     jobs: int = 1,
+    launcher: str | None = None,
+    slurm: Any = None,
 ) -> dict[str, Any]:
     """Run (or finish) every selected row x seed of ``table_key``; returns the plan written.
 
     The returned dict is plan.json's content plus ``counts``: how many runs were trained,
     resumed, or skipped because they had finished. ``jobs`` > 1 runs that many cells at a
     time, each in its own process (``parallel.py``); a failed cell does not stop the
-    others, and ``RunError`` names the failures at the end.
+    others, and ``RunError`` names the failures at the end. ``launcher`` "slurm" submits
+    every cell as a job of one Slurm array and returns (``cluster.py``; ``slurm`` holds the
+    ``SlurmOptions``); "local" runs the same jobs through submitit's local executor and
+    waits for them.
     """
     from ..train import load_recipe, resume, train
 
@@ -397,6 +402,10 @@ def reproduce(
         f"{table_key}: {len(runs)} runs ({len(runs) - len(todo)} finished before, "
         f"{len(todo)} to do) -> {table_dir}"
     )
+    if launcher is not None:
+        return _reproduce_submitit(
+            table_key, todo, launcher, slurm, threads, table_dir, plan, plan_rows, save, counts, log
+        )
     if jobs != 1:
         return _reproduce_parallel(todo, jobs, threads, plan, plan_rows, save, counts, log)
     for i, run in enumerate(todo, 1):
@@ -446,4 +455,39 @@ def _reproduce_parallel(todo, jobs, threads, plan, plan_rows, save, counts, log)
             f"{len(failed)} of {len(todo)} cells failed: {names}; the others finished. Their "
             f"logs are above; run the same command again to retry them"
         )
+    return {**plan, "counts": counts}
+
+
+def _reproduce_submitit(
+    table_key, todo, launcher, slurm, threads, table_dir, plan, plan_rows, save, counts, log
+) -> dict:
+    """Submit the cells through submitit (cluster.py): Slurm returns at once, local waits."""
+    from ..train import RunError
+    from .cluster import SlurmOptions, submit_cells
+
+    options = slurm or SlurmOptions()
+    folder = Path(options.folder) if options.folder else table_dir / "slurm"
+    jobs = submit_cells(todo, launcher, folder, f"attnzoo-{table_key}", options, threads)
+    for run, job in zip(todo, jobs, strict=True):
+        entry = plan_rows[run.slug]["seeds"][str(run.seed)]
+        entry.update(status="submitted", job=str(job.job_id))
+    save()
+    log(f"submitted {len(jobs)} job(s) with {launcher}: {', '.join(str(j.job_id) for j in jobs)}")
+    counts["submitted"] = len(jobs)
+    if launcher == "slurm":
+        return {**plan, "counts": counts}
+    failed = []
+    for run, job in zip(todo, jobs, strict=True):
+        entry = plan_rows[run.slug]["seeds"][str(run.seed)]
+        try:
+            job.result()
+        except Exception as e:  # noqa: BLE001 - submitit wraps the job's failure
+            entry["status"] = "failed"
+            failed.append(f"{run.row.name} seed {run.seed} ({' '.join(str(e).split())[-200:]})")
+        else:
+            entry["status"] = "finished"
+            counts["resumed" if run.state == "resume" else "trained"] += 1
+        save()
+    if failed:
+        raise RunError(f"{len(failed)} of {len(jobs)} jobs failed: {'; '.join(failed)}")
     return {**plan, "counts": counts}
