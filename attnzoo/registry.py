@@ -28,6 +28,7 @@ from torch import nn
 
 _ATTENTIONS: dict[str, Callable[..., nn.Module]] = {}
 _LEVELS: dict[str, str] = {}
+_PLACEMENTS: dict[str, str] = {}  # where a backbone puts the module unless told otherwise
 ATTENTION_LEVELS = ("module", "block", "model")
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 
@@ -35,15 +36,21 @@ _MODELS: dict[str, Callable[..., nn.Module]] = {}
 NO_ATTENTION = (None, "", "none")
 
 
-def register_attention(name: str, level: str = "module") -> Callable:
+def register_attention(name: str, level: str = "module", placement: str = "block") -> Callable:
+    """Register an attention class under ``name``. ``placement`` is where its paper puts it
+    in a network ("block": every residual block; "stage": each stage boundary, as BAM;
+    "final": once on the last map): the backbones' default for it."""
     if level not in ATTENTION_LEVELS:
         raise ValueError(f"unknown attention level {level!r}; choose one of: {ATTENTION_LEVELS}")
+    if placement not in ("block", "stage", "final"):
+        raise ValueError(f"unknown placement {placement!r}; choose one of: block, stage, final")
 
     def wrap(cls: Callable) -> Callable:
         if name in _ATTENTIONS:
             raise RuntimeError(f"attention {name!r} registered twice")
         _ATTENTIONS[name] = cls
         _LEVELS[name] = level
+        _PLACEMENTS[name] = placement
         return cls
 
     return wrap
@@ -114,6 +121,15 @@ def default_num_classes(name: str) -> int:
 def attention_class(name: str) -> Callable[..., nn.Module]:
     """The registered class (or factory) behind an attention name."""
     return _lookup("attention", name, _ATTENTIONS)
+
+
+def default_placement(name: str | None) -> str:
+    """Where a backbone puts attention ``name`` when no ``placement`` is given: where its
+    paper puts it ("block" for most; "stage" for BAM)."""
+    if name in NO_ATTENTION:
+        return "block"
+    attention_class(name)
+    return _PLACEMENTS[name]
 
 
 def attention_level(name: str) -> str:

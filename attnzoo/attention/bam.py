@@ -16,8 +16,13 @@ Every linear and conv layer has a bias. With ResNet-50's three modules (C = 256,
 this gives 25.92M parameters; BAM's and GAM's tables say 25.92M.
 
 Where the paper and the official code differ, and what we do:
-- The branches are combined as Eq. 2 says, sigmoid(M_c + M_s). One version of the official
-  code multiplies them instead, 1 + sigmoid(M_c * M_s); we add.
+- The branches are combined as Eq. 2 says, sigmoid(M_c + M_s) (``combine="sum"``, the
+  default). The official code (Jongchan/attention-module, ``MODELS/bam.py``) multiplies
+  them, F * (1 + sigmoid(M_c * M_s)): ``combine="product"``.
+- The official code pools the channel branch with ``avg_pool2d(F, H, stride=H)``, which on a
+  non-square map averages only the left H x H square (and breaks for W >= 2H); we average
+  the whole map, as the paper's AvgPool(F). On the square maps of the papers' networks the
+  two agree, so no option reproduces that.
 - Eqs. 3-4 put a BN at the *output* of each branch "to adjust the scale" of the two before
   they are added, and show no BN or activation inside the branches (Eq. 3 expands to
   BN(W1(W0 AvgPool(F) + b0) + b1)); the official code has BN + ReLU on every hidden layer
@@ -31,8 +36,9 @@ Where the paper and the official code differ, and what we do:
   statistics as usual. The spatial branch's BatchNorm2d needs no fix while H * W > 1.
 
 Placement: the paper puts one BAM at each stage boundary of a network (where the feature
-map is downsampled), not in every block. Where a backbone puts the module is a model
-option; this class is only the module.
+map is downsampled), not in every block, and so do the backbones by default
+(``create_model("resnet50", attention="bam")`` is BAM's 25.92M network); ``placement=
+"block"`` puts one in every block instead (30.77M on ResNet-50).
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ from ..registry import register_attention
 from .layers import SingleSampleSafeBatchNorm1d, check_input, reduced_channels
 
 
-@register_attention("bam")
+@register_attention("bam", placement="stage")
 class BAM(nn.Module):
     def __init__(
         self,
@@ -52,8 +58,14 @@ class BAM(nn.Module):
         reduction: float = 16,
         dilation: int = 4,
         output_bn: bool = False,
+        combine: str = "sum",
     ) -> None:
         super().__init__()
+        if combine not in ("sum", "product"):
+            raise ValueError(
+                f"combine must be 'sum' (Eq. 2) or 'product' (the code), got {combine!r}"
+            )
+        self.combine = combine
         if not isinstance(dilation, int) or isinstance(dilation, bool) or dilation < 1:
             raise ValueError(f"dilation must be a positive int, got {dilation!r}")
         hidden = reduced_channels(channels, reduction)
@@ -90,8 +102,9 @@ class BAM(nn.Module):
         return self.spatial(x)
 
     def attention_map(self, x: torch.Tensor) -> torch.Tensor:
-        """M(F) = sigmoid(M_c(F) + M_s(F)), shape (N, C, H, W)."""
-        return torch.sigmoid(self.channel_attention(x) + self.spatial_attention(x))
+        """M(F) = sigmoid(M_c(F) + M_s(F)) (or the code's product), shape (N, C, H, W)."""
+        mc, ms = self.channel_attention(x), self.spatial_attention(x)
+        return torch.sigmoid(mc + ms if self.combine == "sum" else mc * ms)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.channels, "bam")

@@ -8,8 +8,15 @@ Equations (numbers as in Woo et al.):
     F'' = M_s(F') * F'                                                  (Eq. 1)
 
 Defaults: r = 16 with the hidden width ``max(1, C // r)`` (``rd_rule`` as for SE), a 7x7
-spatial conv with no bias, followed by BN (as in the official code; the paper's Eq. 3 shows
-no BN, the issue and HAM's re-implementation include it).
+spatial conv with no bias, followed by BN. The paper's Eq. 3 shows no BN; the official code
+(Jongchan/attention-module, ``MODELS/cbam.py``) has one, and so do HAM's re-implementation
+and this library's spec. Where ours and the official code still differ:
+- BN momentum: PyTorch's 0.1 by default; the official code's BN uses 0.01, which
+  ``bn_momentum=0.01`` gives (it changes only how fast the running statistics follow).
+- Descriptor order: ours is [AvgPool_c; MaxPool_c] as Eq. 3 writes it; the official
+  ``ChannelPool`` stacks [max; mean]. The function is the same up to the order of the conv's
+  two input channels, which matters only when loading the official weights: swap
+  ``spatial.conv.weight[:, 0]`` and ``[:, 1]``.
 
 Options:
 - ``spatial=False``: channel branch only ("CBAM (channel)" in HAM Table 1).
@@ -53,6 +60,7 @@ class CBAM(nn.Module):
         adaptive: bool = False,
         kernel_size: int = 7,
         max_pool: bool = True,
+        bn_momentum: float = 0.1,
     ) -> None:
         super().__init__()
         if adaptive and not max_pool:
@@ -64,7 +72,7 @@ class CBAM(nn.Module):
             nn.Conv2d(channels, hidden, 1), nn.ReLU(inplace=True), nn.Conv2d(hidden, channels, 1)
         )
         self.mix = AdaptivePoolMix() if adaptive else None
-        self.spatial = SpatialGate(kernel_size, max_pool) if spatial else None
+        self.spatial = SpatialGate(kernel_size, max_pool, bn_momentum) if spatial else None
 
     def channel_logits(self, avg: torch.Tensor, max_: torch.Tensor | None) -> torch.Tensor:
         """The logits of M_c from the pooled descriptors (N, C, 1, 1)."""

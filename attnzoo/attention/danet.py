@@ -43,7 +43,9 @@ Defaults and choices, where ours differ from the paper or from the official code
   memory of a training step above the plain network's, ``attnzoo profile``): 2.50x
   without, 1.40x with, for about 13% more step time.
 - CAM softmax: the official code computes softmax(max_i(A A^T) - A A^T) row-wise, that is
-  softmax(-A A^T), which weights the *least* similar channels most; that is not Eq. 3. We
+  softmax(-A A^T), which weights the *least* similar channels most; that is not Eq. 3. The
+  DANet authors answer in their issue tracker that the code's form keeps training from
+  diverging. ``energy="code"`` gives the code's form; by default (``"paper"``) we
   follow Eq. 3, a plain softmax of A A^T (torch's softmax subtracts the row max internally,
   which is mathematically the same and keeps large energies finite). Note that with the
   paper's form the diagonal ||A_j||^2 often dominates the row when N is large, so X tends to
@@ -119,19 +121,30 @@ class PositionAttention(nn.Module):
         return x + self.gamma * self.aggregate(x)  # x first: output keeps x's layout
 
 
+CAM_ENERGIES = ("paper", "code")
+
+
 @register_attention("danet_cam")
 class ChannelAttention(nn.Module):
-    """E = beta (X A) + A, X = softmax(A A^T) row-wise (DANet Eqs. 3-4, not the code's)."""
+    """E = beta (X A) + A, X = softmax(A A^T) row-wise (DANet Eqs. 3-4, ``energy="paper"``)
+    or X = softmax(max_row(A A^T) - A A^T) (the official code, ``energy="code"``)."""
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, energy: str = "paper") -> None:
         super().__init__()
+        if energy not in CAM_ENERGIES:
+            raise ValueError(f"energy must be one of {CAM_ENERGIES}, got {energy!r}")
         self.channels = channels
+        self.energy = energy
         self.beta = nn.Parameter(torch.zeros(()))
 
     def aggregate(self, x: torch.Tensor) -> torch.Tensor:
         """X A, the attention path before the beta scale, shape (N, C, H, W)."""
         a = x.flatten(2)  # (N, C, HW)
-        weights = torch.softmax(torch.bmm(a, a.transpose(1, 2)), dim=-1)  # (N, C, C)
+        energy = torch.bmm(a, a.transpose(1, 2))  # (N, C, C)
+        if self.energy == "code":
+            # max - energy: the row's shift cancels in the softmax, so this is softmax(-A A^T)
+            energy = energy.amax(dim=-1, keepdim=True) - energy
+        weights = torch.softmax(energy, dim=-1)
         return torch.bmm(weights, a).view(x.shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -7,8 +7,11 @@
 
 Defaults: gamma = 2, b = 1, so k = 3 for C = 16..64 and k = 5 for C = 128..256.
 ``kernel_size`` fixes k instead (must be odd, so that the conv keeps C outputs with
-symmetric "same" padding). |t|_odd is the nearest odd number, ties rounded up, which is
-what ECA's code computes.
+symmetric "same" padding). |t|_odd is the nearest odd number, ties rounded up, as the code
+listing in ECA's paper computes it. The paper and the official repository differ here: the
+repository's ``eca_layer`` takes k as an argument (default 3) and its ResNets pass
+``k_size=[3, 3, 3, 3]``, k = 3 in every stage whatever C; ``kernel_size=3`` reproduces that.
+(For C = 16..64 the adaptive k is 3 too; they differ from C = 128 on.)
 
 Implementation: pooling, the 1-D conv, the sigmoid and the scaling run as one fused
 autograd node (``layers.pooled_gate``): same values, fewer passes over F in backward.

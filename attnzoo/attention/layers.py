@@ -48,8 +48,9 @@ def reduced_channels(channels: int, reduction: float, rule: str = "floor") -> in
 def eca_kernel_size(channels: int, gamma: float = 2.0, b: float = 1.0) -> int:
     """k = |log2(C)/gamma + b/gamma|_odd (HAM Eq. 6, from ECA).
 
-    The nearest odd number, with ties (t an even integer) going up, as ECA's code does
-    (``t = int(...); k = t if t % 2 else t + 1`` is exactly that rule).
+    The nearest odd number, with ties (t an even integer) going up, as the code listing in
+    ECA's paper does (``t = int(...); k = t if t % 2 else t + 1`` is exactly that rule). The
+    official repository's networks do not use it: they pass k = 3 to every module.
     """
     if gamma <= 0:
         raise ValueError(f"gamma must be > 0, got {gamma!r}")
@@ -127,7 +128,9 @@ class SpatialGate(nn.Module):
     ``max_pool=False`` the descriptor is mean_c(F) alone (a one-channel conv).
     """
 
-    def __init__(self, kernel_size: int = 7, max_pool: bool = True) -> None:
+    def __init__(
+        self, kernel_size: int = 7, max_pool: bool = True, bn_momentum: float = 0.1
+    ) -> None:
         super().__init__()
         if kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be a positive odd int, got {kernel_size!r}")
@@ -135,7 +138,7 @@ class SpatialGate(nn.Module):
         self.conv = nn.Conv2d(
             2 if max_pool else 1, 1, kernel_size, padding=kernel_size // 2, bias=False
         )
-        self.bn = nn.BatchNorm2d(1)
+        self.bn = nn.BatchNorm2d(1, momentum=bn_momentum)
 
     def logits(self, mean: torch.Tensor, max_: torch.Tensor | None) -> torch.Tensor:
         """BN(conv([mean; max])) from the pooled maps (N, 1, H, W)."""

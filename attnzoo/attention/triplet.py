@@ -9,8 +9,8 @@ rot1 turns F (N, C, H, W) into (N, W, H, C): W becomes the pooled axis, and the 
 map over (H, C), the C-H interaction. rot2 gives (N, H, C, W): H is pooled, the gate is a
 map over (C, W), the C-W interaction. The third branch is the plain spatial (H, W) gate.
 
-Defaults: k = 7, conv 2 -> 1 with no bias, then BN (PyTorch defaults; the official code uses
-BN momentum 0.01), then sigmoid; each branch has its own conv and BN. Z-pool stacks
+Defaults: k = 7, conv 2 -> 1 with no bias, then BN (PyTorch's momentum 0.1; the official
+code's is 0.01, ``bn_momentum=0.01``), then sigmoid; each branch has its own conv and BN. Z-pool stacks
 [max; mean] in that order, as the paper writes it.
 
 Choices the paper leaves open, and ours:
@@ -45,10 +45,10 @@ from .layers import channel_max, check_input, gate_conv2d, pooled_gate
 class ZPoolGate(nn.Module):
     """x * sigmoid(BN(conv_kxk([max_1(x); mean_1(x)]))), pooling over dim 1 of x."""
 
-    def __init__(self, kernel_size: int = 7) -> None:
+    def __init__(self, kernel_size: int = 7, bn_momentum: float = 0.1) -> None:
         super().__init__()
         self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
-        self.bn = nn.BatchNorm2d(1)
+        self.bn = nn.BatchNorm2d(1, momentum=bn_momentum)
 
     def logits(self, max_: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
         """BN(conv([max; mean])) for pooled maps (N, 1, rows, cols)."""
@@ -63,7 +63,13 @@ class ZPoolGate(nn.Module):
 
 @register_attention("triplet")
 class TripletAttention(nn.Module):
-    def __init__(self, channels: int, kernel_size: int = 7, no_spatial: bool = False) -> None:
+    def __init__(
+        self,
+        channels: int,
+        kernel_size: int = 7,
+        no_spatial: bool = False,
+        bn_momentum: float = 0.1,
+    ) -> None:
         super().__init__()
         if (
             not isinstance(kernel_size, int)
@@ -73,9 +79,9 @@ class TripletAttention(nn.Module):
         ):
             raise ValueError(f"kernel_size must be a positive odd int, got {kernel_size!r}")
         self.channels = channels
-        self.channel_height = ZPoolGate(kernel_size)  # C-H interaction, W pooled
-        self.channel_width = ZPoolGate(kernel_size)  # C-W interaction, H pooled
-        self.height_width = None if no_spatial else ZPoolGate(kernel_size)
+        self.channel_height = ZPoolGate(kernel_size, bn_momentum)  # C-H interaction, W pooled
+        self.channel_width = ZPoolGate(kernel_size, bn_momentum)  # C-W interaction, H pooled
+        self.height_width = None if no_spatial else ZPoolGate(kernel_size, bn_momentum)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.channels, "triplet")

@@ -5,9 +5,11 @@ average pooling and a classifier). Subclasses provide the stem (``_stem``), the 
 their stage attributes (``stage_names``, e.g. ``("layer1", ..., "layer4")`` as torchvision
 has them), ``stage_channels``, ``get_classifier()`` and, for ABN, ``make_stage``.
 
-Placement of a module-level attention (``placement=``):
+Placement of a module-level attention (``placement=``; by default where the attention's
+paper puts it, ``registry.default_placement``: every block, except BAM at the stage
+boundaries):
 
-- ``"block"`` (default): one module in every block, where the block's own code puts it
+- ``"block"``: one module in every block, where the block's own code puts it
   (ResNets: after the last BN, before the addition with the shortcut).
 - ``"stage"``: one module at each stage boundary, i.e. after every stage but the last,
   where the network downsamples next (BAM's placement; ResNet-50 gets three, a CIFAR
@@ -26,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..registry import attention_level
+from ..registry import attention_level, default_placement
 from .common import AttentionFactory, attention_factory, check_model_input, no_attention
 
 PLACEMENTS = ("block", "stage", "final")
@@ -50,11 +52,14 @@ class Backbone(nn.Module):
     # --- attention placement -------------------------------------------------------------
 
     def block_attention(
-        self, attention: str | None, attention_kwargs: dict | None, placement: str = "block"
+        self, attention: str | None, attention_kwargs: dict | None, placement: str | None = None
     ) -> AttentionFactory:
         """Check ``placement`` and return the factory the blocks build their module with
         (``nn.Identity`` unless the placement is ``"block"``). Call ``place_attention()``
-        once the stages exist."""
+        once the stages exist. ``placement=None``: where the attention's paper puts it
+        (``registry.default_placement``: every block for most, stage boundaries for BAM)."""
+        if placement is None:
+            placement = default_placement(attention)
         if placement not in PLACEMENTS:
             raise ValueError(
                 f"unknown placement {placement!r}; choose one of: {', '.join(PLACEMENTS)}"

@@ -64,7 +64,7 @@ class CifarResNet(Backbone):
         shortcut: str = "A",
         in_chans: int = 3,
         widths: tuple[int, int, int] = (16, 32, 64),
-        placement: str = "block",
+        placement: str | None = None,
     ) -> None:
         super().__init__(f"resnet{depth}", in_chans, num_classes)
         if depth < 8 or (depth - 2) % 6:
@@ -112,7 +112,7 @@ def _register(depth: int) -> None:
         attention_kwargs: dict | None = None,
         shortcut: str = "A",
         in_chans: int = 3,
-        placement: str = "block",
+        placement: str | None = None,
     ) -> CifarResNet:
         return CifarResNet(
             depth,

@@ -125,7 +125,7 @@ class DenseNetBC(Backbone):
         num_classes: int = 10,
         attention: str | None = None,
         attention_kwargs: dict | None = None,
-        placement: str = "block",
+        placement: str | None = None,
         in_chans: int = 3,
         compression: float = 0.5,
         dropout: float = 0.0,
@@ -208,7 +208,7 @@ def densenet_bc_100_12(
     num_classes: int = 10,
     attention: str | None = None,
     attention_kwargs: dict | None = None,
-    placement: str = "block",
+    placement: str | None = None,
     in_chans: int = 3,
     dropout: float = 0.0,
 ) -> DenseNetBC:

@@ -274,8 +274,8 @@ def test_resnet20_trains() -> None:
         opt.step()
         assert torch.isfinite(loss)
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
-    # Every block holds a BAM for now (placement at stage boundaries is a model option).
-    assert n_params(model) == RESNET20_PARAMS + 3 * (96 + 323 + 1_173)
+    # BAM's own placement: one module at each of the two stage boundaries (16, 32 channels).
+    assert n_params(model) == RESNET20_PARAMS + n_params(BAM(16)) + n_params(BAM(32))
 
 
 @pytest.mark.parametrize(
@@ -293,8 +293,33 @@ def test_bad_options_raise(kwargs: dict, match: str) -> None:
 
 
 def test_unknown_option_raises() -> None:
-    with pytest.raises(ValueError, match="combine"):
+    with pytest.raises(ValueError, match="combine must be 'sum' .Eq. 2. or 'product'"):
         create_attention("bam", 64, combine="multiply")
+
+
+def test_the_official_codes_product_form(randomize) -> None:
+    """combine="product": F (1 + sigmoid(M_c M_s)), as Jongchan/attention-module computes it,
+    from the same two branches (float64 reference written from that line of the code)."""
+    torch.manual_seed(0)
+    module = randomize(BAM(32, combine="product")).eval().double()
+    x = torch.randn(2, 32, 6, 7, dtype=torch.float64)
+    mc, ms = module.channel_attention(x), module.spatial_attention(x)
+    torch.testing.assert_close(module(x), x * (1 + torch.sigmoid(mc * ms)))
+    paper = BAM(32).eval().double()
+    paper.load_state_dict(module.state_dict())  # same parameters: only the combination differs
+    assert (paper(x) - module(x)).abs().max() > 1e-3
+
+
+def test_backbones_put_bam_at_the_stage_boundaries_by_default() -> None:
+    """BAM's paper places it where the network downsamples; ResNet-50 is then 25.92M."""
+    model = attnzoo.create_model("resnet50", attention="bam")
+    assert round(n_params(model) / 1e6, 2) == 25.92
+    assert not any(isinstance(m, BAM) for m in model.layer1.modules())  # no per-block BAM
+    block = attnzoo.create_model("resnet50", attention="bam", placement="block")
+    assert n_params(block) == 30_771_496
+    assert attnzoo.registry.default_placement("bam") == "stage"
+    assert attnzoo.registry.default_placement("se") == "block"
+    assert attnzoo.registry.default_placement(None) == "block"
 
 
 def test_wrong_input_raises() -> None:

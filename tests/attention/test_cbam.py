@@ -236,3 +236,22 @@ def test_without_max_pooling_matches_reference(spatial, mode, randomize, batch_n
     assert n_params(CBAM(32, max_pool=False)) == n_params(CBAM(32)) - 49
     with pytest.raises(ValueError, match="needs max_pool"):
         CBAM(32, adaptive=True, max_pool=False)
+
+
+@pytest.mark.parametrize("name", ["cbam", "triplet"])
+def test_official_bn_momentum_option(name: str) -> None:
+    """bn_momentum=0.01 (the official code's): after one training batch from zero running
+    means, each BN's running mean is 0.01 x the batch mean, a tenth of the default's."""
+    torch.manual_seed(0)
+    default = create_attention(name, 16).train()
+    official = create_attention(name, 16, bn_momentum=0.01).train()
+    official.load_state_dict(default.state_dict())
+    x = torch.randn(4, 16, 8, 8) + 1.0
+    torch.testing.assert_close(official(x), default(x))  # training output: batch statistics
+    bns = [(a, b) for a, b in zip(default.modules(), official.modules(), strict=True)
+           if isinstance(a, torch.nn.BatchNorm2d)]  # fmt: skip
+    assert bns
+    for a, b in bns:
+        assert b.momentum == 0.01 and a.momentum == 0.1
+        assert a.running_mean.abs().max() > 1e-4
+        torch.testing.assert_close(b.running_mean, a.running_mean / 10, rtol=1e-5, atol=1e-7)

@@ -322,3 +322,22 @@ def test_recompute_gives_the_same_outputs_and_gradients(name):
         )
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_cam_code_energy_is_softmax_of_the_negated_energy() -> None:
+    """energy="code": the official code's softmax(max(AA^T) - AA^T), i.e. softmax(-AA^T),
+    against a float64 reference; it weights the least similar channels most."""
+    torch.manual_seed(0)
+    module = create_attention("danet_cam", 6, energy="code").double()
+    with torch.no_grad():
+        module.beta.fill_(0.7)
+    x = torch.randn(2, 6, 3, 4, dtype=torch.float64)
+    a = x.flatten(2)
+    energy = a @ a.transpose(1, 2)
+    expected = x + 0.7 * (torch.softmax(-energy, dim=-1) @ a).view(x.shape)
+    torch.testing.assert_close(module(x), expected)
+    paper = create_attention("danet_cam", 6).double()
+    paper.load_state_dict(module.state_dict())
+    assert (paper(x) - module(x)).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="energy must be one of"):
+        create_attention("danet_cam", 6, energy="both")

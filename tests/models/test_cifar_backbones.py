@@ -131,7 +131,7 @@ def test_attention_and_class_parameter_counts(plain, name, kwargs, extra):
 @pytest.mark.parametrize("attention", attnzoo.list_attentions(level="module"))
 @pytest.mark.parametrize("name", MODELS)
 def test_every_module_level_attention_goes_in_every_block(name, attention):
-    model = meta_model(name, attention=attention)
+    model = meta_model(name, attention=attention, placement="block")
     modules = block_modules(model)
     assert all(isinstance(m, attention_class(attention)) for m in modules)
     assert [m.channels for m in modules] == BLOCK_CHANNELS[name]

@@ -43,7 +43,7 @@ def test_option_a_shortcut_is_strided_identity_with_zero_channels():
 
 @pytest.mark.parametrize("attention", attnzoo.list_attentions(level=("module", "block")))
 def test_every_attention_plugs_into_every_block(attention):
-    model = attnzoo.create_model("resnet20", attention=attention)
+    model = attnzoo.create_model("resnet20", attention=attention, placement="block")
     blocks = [m for m in model.modules() if isinstance(m, BasicBlock)]
     assert len(blocks) == 9
     cls = attnzoo.registry.attention_class(attention)

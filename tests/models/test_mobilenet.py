@@ -88,7 +88,9 @@ def test_width_mult_matches_torchvision():
 def test_every_module_level_attention_in_every_block(attention):
     """Attention keys are the only additions; every block has one, on its output channels."""
     torch.manual_seed(0)
-    model = attnzoo.create_model("mobilenet_v2", num_classes=10, attention=attention, stem="cifar")
+    model = attnzoo.create_model(
+        "mobilenet_v2", num_classes=10, attention=attention, stem="cifar", placement="block"
+    )
     assert len(blocks(model)) == 17
     assert all(isinstance(b.attention, attention_class(attention)) for b in blocks(model))
     assert [b.attention.channels for b in blocks(model)] == BLOCK_CHANNELS
