@@ -91,6 +91,7 @@ ZERO_GRADIENT_BY_CONSTRUCTION: dict[str, dict[str, str]] = {
             for i in (0, 3, 6)
         },
     },
+    "coord": {"conv1.bias": "train mode: the BatchNorm2d after it subtracts it again"},
     "gam": {
         "spatial_conv1.bias": "train mode: the BatchNorm2d after it subtracts it again",
         "spatial_conv2.bias": "train mode: the BatchNorm2d after it subtracts it again",
