@@ -11,7 +11,6 @@ import pytest
 pytest.importorskip("submitit")
 
 from attnzoo.cli import main  # noqa: E402
-from attnzoo.experiments import spec as spec_module  # noqa: E402
 from attnzoo.experiments.cluster import (  # noqa: E402
     CellJob,
     SlurmOptions,
@@ -20,29 +19,12 @@ from attnzoo.experiments.cluster import (  # noqa: E402
 )
 from attnzoo.experiments.reproduce import plan_runs, reproduce  # noqa: E402
 
-TINY = """\
-paper: A tiny test table
-source: tiny.txt
-table: Table T
-caption: resnet20 with and without SE on digits
-defaults: {dataset: digits, num_classes: 10, input_size: 16, recipe: digits}
-rows:
-- name: ResNet20
-  model: resnet20
-- name: ResNet20 + SE
-  model: resnet20
-  attention: se
-"""
 OPTIONS = dict(epochs=1, seeds=1, train_subset=96, threads=1)
 
 
 @pytest.fixture
-def tiny_table(tmp_path, monkeypatch):
-    tables = tmp_path / "tables"
-    tables.mkdir()
-    (tables / "tiny.yaml").write_text(TINY)
-    monkeypatch.setattr(spec_module, "TABLE_DIR", tables)
-    return tmp_path
+def tiny_table(tiny_table_root):
+    return tiny_table_root
 
 
 def test_local_launcher_runs_the_grid_as_submitit_jobs(tiny_table):

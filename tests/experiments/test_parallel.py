@@ -14,35 +14,17 @@ import time
 import pytest
 import yaml
 
-from attnzoo.experiments import spec as spec_module
 from attnzoo.experiments.parallel import default_threads
 from attnzoo.experiments.reproduce import plan_runs, reproduce
 from attnzoo.train import RunError
 
-TINY = """\
-paper: A tiny test table
-source: tiny.txt
-table: Table T
-caption: resnet20 with and without SE on digits
-defaults: {dataset: digits, num_classes: 10, input_size: 16, recipe: digits}
-rows:
-- name: ResNet20
-  model: resnet20
-- name: ResNet20 + SE
-  model: resnet20
-  attention: se
-"""
 OPTIONS = dict(epochs=1, seeds=2, train_subset=96, threads=1)
 CELLS = ["resnet20/seed0", "resnet20/seed1", "resnet20-se/seed0", "resnet20-se/seed1"]
 
 
 @pytest.fixture
-def tiny_table(tmp_path, monkeypatch):
-    tables = tmp_path / "tables"
-    tables.mkdir()
-    (tables / "tiny.yaml").write_text(TINY)
-    monkeypatch.setattr(spec_module, "TABLE_DIR", tables)
-    return tmp_path
+def tiny_table(tiny_table_root):
+    return tiny_table_root
 
 
 def statuses(out) -> dict[str, str]:

@@ -4,37 +4,20 @@ from __future__ import annotations
 
 import pytest
 from PIL import Image
+from tiny_table import TINY_TABLE
 
 from attnzoo.cli import main
 from attnzoo.experiments import spec as spec_module
 from attnzoo.experiments.report import paired, report
 from attnzoo.experiments.reproduce import planned_epochs, reproduce, slugify
 
-TINY = """\
-paper: A tiny test table
-source: tiny.txt
-table: Table T
-caption: resnet20 with and without SE on digits
-defaults: {dataset: digits, num_classes: 10, input_size: 16, recipe: digits}
-rows:
-- name: ResNet20
-  model: resnet20
-  paper: {top1_err: {digits: 5.0}}
-- name: ResNet20 + SE
-  model: resnet20
-  attention: se
-  paper: {top1_acc: {digits: 96.0}}
-"""
+TINY = TINY_TABLE
 OPTIONS = dict(epochs=1, seeds=2, train_subset=96, threads=1)
 
 
 @pytest.fixture
-def tiny_table(tmp_path, monkeypatch):
-    tables = tmp_path / "tables"
-    tables.mkdir()
-    (tables / "tiny.yaml").write_text(TINY)
-    monkeypatch.setattr(spec_module, "TABLE_DIR", tables)
-    return tmp_path / "runs"
+def tiny_table(tiny_table_root):
+    return tiny_table_root / "runs"
 
 
 def quiet(message: str) -> None:
