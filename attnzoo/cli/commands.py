@@ -10,6 +10,16 @@ import sys
 from .parser import parse_mapping
 
 
+def set_threads(threads: int | None) -> None:
+    """``--threads N`` of the measuring commands: torch's intra-op threads (None: all cores)."""
+    import torch
+
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from ..train import evaluate_run
 
@@ -26,15 +36,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    import torch
 
     from ..measure import ModelSpec, format_profile, profile
     from ..registry import check_attention
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     attention = None if args.attention in (None, "none") else args.attention
     attention_kwargs = parse_mapping("--attention-kwargs", args.attention_kwargs) or {}
     check_attention(attention, attention_kwargs)
@@ -60,7 +66,6 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    import torch
 
     from ..measure.bench import bench, check_modes, format_bench
     from ..measure.efficiency import efficiency, format_efficiency
@@ -82,10 +87,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for name in args.attentions:
         check_attention(None if name == "none" else name)
     check_modes(args.modes)
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     common = dict(
         num_classes=args.num_classes,
         repeats=args.repeats,
@@ -205,14 +207,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_visualize(args: argparse.Namespace) -> int:
-    import torch
 
     from ..viz import visualize
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     result = visualize(
         args.run,
         args.images,

@@ -6,8 +6,9 @@ import argparse
 
 import yaml
 
+from ..train.fastpath import PRECISIONS
+
 EXIT_USAGE = 2
-PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")  # fastpath.PRECISIONS, without importing torch
 COMPILE_FLAGS = {"auto": "auto", "on": True, "off": False}  # --compile -> TrainConfig.compile
 
 
@@ -146,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument(
         "--precision",
-        choices=PRECISION_CHOICES,
+        choices=PRECISIONS,
         help="autocast of the forward pass: auto (default: bf16 where the CPU has bf16 "
         "instructions, else fp32), fp32, bf16, fp16 (CUDA only)",
     )

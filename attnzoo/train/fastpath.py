@@ -12,7 +12,7 @@ threads), bf16 step time over fp32 (docs/performance.md, "bf16 by CPU"):
 | CPU | plain | SE | CBAM | HAM |
 | --- | --- | --- | --- | --- |
 | Intel, AMX bf16 + AVX-512 bf16 (issue 11's machine) | 0.59x | 0.65x | 0.77x | 0.77x |
-| AMD EPYC, AVX-512 bf16, no AMX | 0.72x | 0.78x | 1.00x | 0.89x |
+| AMD EPYC, AVX-512 bf16, no AMX (machine B of docs/performance.md) | 0.68x | 0.72x | 0.89x | 0.85x |
 | no bf16 instructions (the first machine of docs/performance.md) | 11.5x | | | |
 
 A forced lower ``ATEN_CPU_CAPABILITY`` gives fp32 (torch's bf16 kernels need AVX-512 there).
