@@ -13,10 +13,13 @@ spatial conv with no bias, followed by BN. The paper's Eq. 3 shows no BN; the of
 and this library's spec. Where ours and the official code still differ:
 - BN momentum: PyTorch's 0.1 by default; the official code's BN uses 0.01, which
   ``bn_momentum=0.01`` gives (it changes only how fast the running statistics follow).
-- Descriptor order: ours is [AvgPool_c; MaxPool_c] as Eq. 3 writes it; the official
-  ``ChannelPool`` stacks [max; mean]. The function is the same up to the order of the conv's
-  two input channels, which matters only when loading the official weights: swap
-  ``spatial.conv.weight[:, 0]`` and ``[:, 1]``.
+- Descriptor order: ours is [AvgPool_c; MaxPool_c] as Eq. 3 writes it
+  (``pool_order="mean_max"``, the default); the official ``ChannelPool`` stacks [max; mean]
+  (``pool_order="max_mean"``). The function is the same up to the order of the conv's two
+  input channels: a ``"max_mean"`` module whose ``spatial.conv.weight[:, 0]`` and ``[:, 1]``
+  are swapped computes exactly what the ``"mean_max"`` one does. It matters only for
+  weights: ``attnzoo.convert.load_official`` swaps the two channels of the official
+  checkpoints for a ``"mean_max"`` model and copies them as they are for a ``"max_mean"`` one.
 
 Options:
 - ``spatial=False``: channel branch only ("CBAM (channel)" in HAM Table 1).
@@ -28,6 +31,8 @@ Options:
   gate is sigmoid(MLP(AvgPool(F))) and the spatial descriptor is AvgPool_c(F') alone.
   (GAM does not say which of the two poolings it dropped; it says max-pooling "reduces the
   information", so we drop both. It cannot be combined with ``adaptive``.)
+- ``pool_order="max_mean"``: the official code's [MaxPool_c; AvgPool_c] spatial descriptor
+  (above); ``"mean_max"`` (default) is Eq. 3's. No effect with ``max_pool=False``.
 
 Implementation: each gate (pooling, MLP or conv + BN, sigmoid, scaling) runs as one fused
 autograd node (``layers.pooled_gate``): same values, fewer passes over F in backward.
@@ -43,10 +48,41 @@ from .layers import (
     AdaptivePoolMix,
     SpatialGate,
     check_input,
+    gate_conv2d,
     global_max_pool,
     pooled_gate,
     reduced_channels,
 )
+
+POOL_ORDERS = ("mean_max", "max_mean")
+
+
+def check_pool_order(pool_order: str) -> str:
+    if pool_order not in POOL_ORDERS:
+        raise ValueError(
+            f"unknown pool_order {pool_order!r}; choose one of: {', '.join(POOL_ORDERS)}"
+        )
+    return pool_order
+
+
+class OrderedSpatialGate(SpatialGate):
+    """``SpatialGate`` whose two-channel descriptor is [mean; max] (``pool_order="mean_max"``)
+    or the official code's [max; mean] (``"max_mean"``). Same parameters and names."""
+
+    def __init__(
+        self,
+        kernel_size: int = 7,
+        max_pool: bool = True,
+        bn_momentum: float = 0.1,
+        pool_order: str = "mean_max",
+    ) -> None:
+        super().__init__(kernel_size, max_pool, bn_momentum)
+        self.pool_order = check_pool_order(pool_order)
+
+    def logits(self, mean: torch.Tensor, max_: torch.Tensor | None) -> torch.Tensor:
+        if max_ is None or self.pool_order == "mean_max":
+            return super().logits(mean, max_)
+        return self.bn(gate_conv2d(torch.cat([max_, mean], dim=1), self.conv))
 
 
 @register_attention("cbam")
@@ -61,8 +97,10 @@ class CBAM(nn.Module):
         kernel_size: int = 7,
         max_pool: bool = True,
         bn_momentum: float = 0.1,
+        pool_order: str = "mean_max",
     ) -> None:
         super().__init__()
+        check_pool_order(pool_order)
         if adaptive and not max_pool:
             raise ValueError("adaptive mixes the avg- and max-pooled descriptors: needs max_pool")
         self.max_pool = max_pool
@@ -72,7 +110,9 @@ class CBAM(nn.Module):
             nn.Conv2d(channels, hidden, 1), nn.ReLU(inplace=True), nn.Conv2d(hidden, channels, 1)
         )
         self.mix = AdaptivePoolMix() if adaptive else None
-        self.spatial = SpatialGate(kernel_size, max_pool, bn_momentum) if spatial else None
+        self.spatial = (
+            OrderedSpatialGate(kernel_size, max_pool, bn_momentum, pool_order) if spatial else None
+        )
 
     def channel_logits(self, avg: torch.Tensor, max_: torch.Tensor | None) -> torch.Tensor:
         """The logits of M_c from the pooled descriptors (N, C, 1, 1)."""

@@ -11,7 +11,11 @@ map over (C, W), the C-W interaction. The third branch is the plain spatial (H, 
 
 Defaults: k = 7, conv 2 -> 1 with no bias, then BN (PyTorch's momentum 0.1; the official
 code's is 0.01, ``bn_momentum=0.01``), then sigmoid; each branch has its own conv and BN. Z-pool stacks
-[max; mean] in that order, as the paper writes it.
+[max; mean] in that order, as the paper writes it and as the official ``ZPool``/``ChannelPool``
+does (``pool_order="max_mean"``, the default). ``pool_order="mean_max"`` stacks [mean; max],
+CBAM's Eq. 3 order (the default of ``cbam``): the same function up to the order of each conv's
+two input channels (a ``"mean_max"`` module with ``conv.weight[:, 0]`` and ``[:, 1]`` swapped
+in every branch computes exactly what the ``"max_mean"`` one does).
 
 Choices the paper leaves open, and ours:
 - "Rotation": the paper rotates the tensor 90 degrees about an axis; like the official code
@@ -23,6 +27,10 @@ Choices the paper leaves open, and ours:
   With a square kernel this, too, only re-indexes the kernel.
 - ``no_spatial=True`` drops the (H, W) branch, y = 1/2 (y1 + y2) (the paper's ablation and
   the official option of the same name).
+- Official names: ``channel_width`` is the official ``ChannelGateH`` (``cw`` in the repository's
+  root ``triplet_attention.py``; it is applied to ``x.permute(0, 2, 1, 3)``, pooling H),
+  ``channel_height`` is ``ChannelGateW`` (``hc``; ``x.permute(0, 3, 2, 1)``, pooling W) and
+  ``height_width`` is ``SpatialGate`` (``hw``); ``attnzoo.convert`` maps them.
 - The module has no parameter that depends on C; ``channels`` is taken for the common
   interface and checked against the input.
 
@@ -41,18 +49,29 @@ from torch import nn
 from ..registry import register_attention
 from .layers import channel_max, check_input, gate_conv2d, pooled_gate
 
+POOL_ORDERS = ("max_mean", "mean_max")
+
 
 class ZPoolGate(nn.Module):
-    """x * sigmoid(BN(conv_kxk([max_1(x); mean_1(x)]))), pooling over dim 1 of x."""
+    """x * sigmoid(BN(conv_kxk([max_1(x); mean_1(x)]))), pooling over dim 1 of x
+    (``pool_order="mean_max"``: [mean; max])."""
 
-    def __init__(self, kernel_size: int = 7, bn_momentum: float = 0.1) -> None:
+    def __init__(
+        self, kernel_size: int = 7, bn_momentum: float = 0.1, pool_order: str = "max_mean"
+    ) -> None:
         super().__init__()
+        if pool_order not in POOL_ORDERS:
+            raise ValueError(
+                f"unknown pool_order {pool_order!r}; choose one of: {', '.join(POOL_ORDERS)}"
+            )
+        self.pool_order = pool_order
         self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
         self.bn = nn.BatchNorm2d(1, momentum=bn_momentum)
 
     def logits(self, max_: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
-        """BN(conv([max; mean])) for pooled maps (N, 1, rows, cols)."""
-        return self.bn(gate_conv2d(torch.cat([max_, mean], dim=1), self.conv))
+        """BN(conv([max; mean])) (or [mean; max]) for pooled maps (N, 1, rows, cols)."""
+        pair = [max_, mean] if self.pool_order == "max_mean" else [mean, max_]
+        return self.bn(gate_conv2d(torch.cat(pair, dim=1), self.conv))
 
     def gate(self, x: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.logits(channel_max(x), x.mean(dim=1, keepdim=True)))
@@ -69,6 +88,7 @@ class TripletAttention(nn.Module):
         kernel_size: int = 7,
         no_spatial: bool = False,
         bn_momentum: float = 0.1,
+        pool_order: str = "max_mean",
     ) -> None:
         super().__init__()
         if (
@@ -79,9 +99,10 @@ class TripletAttention(nn.Module):
         ):
             raise ValueError(f"kernel_size must be a positive odd int, got {kernel_size!r}")
         self.channels = channels
-        self.channel_height = ZPoolGate(kernel_size, bn_momentum)  # C-H interaction, W pooled
-        self.channel_width = ZPoolGate(kernel_size, bn_momentum)  # C-W interaction, H pooled
-        self.height_width = None if no_spatial else ZPoolGate(kernel_size, bn_momentum)
+        gate = (kernel_size, bn_momentum, pool_order)
+        self.channel_height = ZPoolGate(*gate)  # C-H interaction, W pooled
+        self.channel_width = ZPoolGate(*gate)  # C-W interaction, H pooled
+        self.height_width = None if no_spatial else ZPoolGate(*gate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.channels, "triplet")

@@ -96,6 +96,13 @@ ZERO_GRADIENT_BY_CONSTRUCTION: dict[str, dict[str, str]] = {
         "spatial_conv1.bias": "train mode: the BatchNorm2d after it subtracts it again",
         "spatial_conv2.bias": "train mode: the BatchNorm2d after it subtracts it again",
     },
+    "gc": {"context_conv.bias": "the softmax over positions ignores a constant on every logit"},
+    "a2": {"gather_conv.bias": "each map's softmax over positions ignores a constant on it"},
+    "nonlocal": {
+        "phi.bias": "the softmax over keys ignores a per-query constant",
+        "g.bias": "train mode: a constant after the softmax average; the BatchNorm2d removes it",
+        "out_conv.bias": "train mode: the BatchNorm2d after it subtracts it again",
+    },
 }
 # Checked in float64, where that noise is ~1e-16 of the largest gradient and the smallest real
 # gradient seen is ~1e-4 of it: below NEAR_ZERO a gradient is zero, above REAL it is real.

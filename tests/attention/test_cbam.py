@@ -255,3 +255,32 @@ def test_official_bn_momentum_option(name: str) -> None:
         assert b.momentum == 0.01 and a.momentum == 0.1
         assert a.running_mean.abs().max() > 1e-4
         torch.testing.assert_close(b.running_mean, a.running_mean / 10, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("kernel_size", [3, 7])
+def test_max_mean_pool_order_with_swapped_conv_channels(
+    mode: str, kernel_size: int, randomize
+) -> None:
+    """pool_order="max_mean" (the official [max; mean]) with the spatial conv's two input
+    channels swapped computes what the default "mean_max" module does."""
+    torch.manual_seed(0)
+    ours = randomize(CBAM(32, kernel_size=kernel_size)).train(mode == "train")
+    official = CBAM(32, kernel_size=kernel_size, pool_order="max_mean").train(mode == "train")
+    state = ours.state_dict()
+    state["spatial.conv.weight"] = state["spatial.conv.weight"].flip(1)
+    official.load_state_dict(state)
+    assert official.spatial.pool_order == "max_mean"
+    assert not torch.equal(official.spatial.conv.weight, ours.spatial.conv.weight)
+    for shape in [(3, 32, 7, 5), (2, 32, 20, 20)]:  # the plain and the banded conv path
+        x = torch.randn(shape) * 2 + 0.5
+        torch.testing.assert_close(official(x), ours(x), atol=1e-6, rtol=1e-5)
+    # Unswapped, the two orders differ.
+    official.load_state_dict(ours.state_dict())
+    x = torch.randn(3, 32, 7, 5)
+    assert not torch.allclose(official(x), ours(x), atol=1e-4)
+
+
+def test_bad_pool_order_raises() -> None:
+    with pytest.raises(ValueError, match="pool_order"):
+        CBAM(32, pool_order="max_avg")

@@ -224,3 +224,29 @@ def test_unknown_option_raises() -> None:
 def test_wrong_input_raises() -> None:
     with pytest.raises(ValueError, match="16"):
         TripletAttention(16)(torch.randn(2, 15, 5, 5))
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("no_spatial", [False, True])
+def test_mean_max_pool_order_with_swapped_conv_channels(
+    mode: str, no_spatial: bool, randomize
+) -> None:
+    """pool_order="mean_max" with every branch's conv input channels swapped computes what the
+    default "max_mean" (paper and official code: [max; mean]) module does."""
+    torch.manual_seed(0)
+    ours = randomize(TripletAttention(16, no_spatial=no_spatial)).train(mode == "train")
+    other = TripletAttention(16, no_spatial=no_spatial, pool_order="mean_max")
+    other.train(mode == "train")
+    state = {k: v.flip(1) if k.endswith("conv.weight") else v for k, v in ours.state_dict().items()}
+    other.load_state_dict(state)
+    for shape in [(3, 16, 7, 5), (2, 16, 20, 20)]:  # the plain and the banded conv path
+        x = torch.randn(shape) * 2 + 0.5
+        torch.testing.assert_close(other(x), ours(x), atol=1e-6, rtol=1e-5)
+    other.load_state_dict(ours.state_dict())
+    x = torch.randn(3, 16, 7, 5)
+    assert not torch.allclose(other(x), ours(x), atol=1e-4)
+
+
+def test_bad_pool_order_raises() -> None:
+    with pytest.raises(ValueError, match="pool_order"):
+        TripletAttention(16, pool_order="avg_max")
