@@ -13,6 +13,9 @@ Every attention has a *level*, which says how a backbone plugs it in:
 - ``"block"``: also C -> C, but it reads the block's earlier intermediate outputs too,
   ``module(x, earlier)`` (bridge attention). Built with ``earlier_channels``; it only goes
   inside residual blocks.
+- ``"conv"``: it replaces a block's 3x3 convolution (selective kernel), built as
+  ``cls(in_channels, out_channels, stride=..., groups=...)``; only the ResNets take it, in
+  every block. ``create_attention(name, C)`` builds it C -> C at stride 1.
 - ``"model"``: it changes the network around the backbone (ABN's attention branch, the
   seed-002 bridge head). Registered as ``cls(backbone, **kwargs)``; ``create_model`` builds
   the plain backbone and wraps it.
@@ -29,7 +32,7 @@ from torch import nn
 _ATTENTIONS: dict[str, Callable[..., nn.Module]] = {}
 _LEVELS: dict[str, str] = {}
 _PLACEMENTS: dict[str, str] = {}  # where a backbone puts the module unless told otherwise
-ATTENTION_LEVELS = ("module", "block", "model")
+ATTENTION_LEVELS = ("module", "block", "conv", "model")
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 
 # Names that mean "no attention" wherever an attention name is accepted.

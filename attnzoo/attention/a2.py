@@ -50,8 +50,7 @@ import torch
 from torch import nn
 
 from ..registry import register_attention
-from .gc import softmax_float32
-from .layers import check_input
+from .layers import check_input, softmax_float32
 
 
 def _check_reduction(name: str, value: object) -> None:

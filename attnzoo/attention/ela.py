@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from ..registry import register_attention
-from .layers import check_input
+from .layers import check_input, largest_divisor_at_most
 
 # variant -> (kernel_size, channels_per_conv_group, norm_groups)
 VARIANTS: dict[str, tuple[int, int, int]] = {
@@ -58,11 +58,6 @@ VARIANTS: dict[str, tuple[int, int, int]] = {
     "S": (5, 8, 16),
     "L": (7, 8, 16),
 }
-
-
-def largest_divisor_at_most(number: int, limit: int) -> int:
-    """The largest divisor of ``number`` that is <= ``limit`` (1 if ``limit`` < 1)."""
-    return max(d for d in range(1, max(1, min(number, limit)) + 1) if number % d == 0)
 
 
 def _check_positive_int(name: str, value: object) -> None:

@@ -40,12 +40,7 @@ import torch
 from torch import nn
 
 from ..registry import register_attention
-from .layers import check_input
-
-
-def largest_divisor_at_most(number: int, limit: int) -> int:
-    """The largest divisor of ``number`` that is <= ``limit`` (both positive)."""
-    return max(d for d in range(1, min(number, limit) + 1) if number % d == 0)
+from .layers import check_input, largest_divisor_at_most
 
 
 @register_attention("ema")

@@ -51,17 +51,10 @@ import torch
 from torch import nn
 
 from ..registry import register_attention
-from .layers import check_input
+from .layers import check_input, softmax_float32
 
 POOLINGS = ("att", "avg")
 FUSIONS = ("add", "mul")
-
-
-def softmax_float32(logits: torch.Tensor, dim: int) -> torch.Tensor:
-    """softmax in float32 at least (float64 stays float64), cast back to the logits' dtype."""
-    return torch.softmax(logits, dim, dtype=torch.promote_types(logits.dtype, torch.float32)).to(
-        logits.dtype
-    )
 
 
 @register_attention("gc")

@@ -10,6 +10,9 @@
 - ``gate_conv2d``: the spatial gates' C -> 1 k x k conv, as banded matmuls on larger maps.
 - ``plain_gates``: a context in which both run as plain autograd expressions.
 - ``SingleSampleSafeBatchNorm1d``: BatchNorm1d that survives a training batch of one.
+- ``softmax_float32``, ``safe_sqrt``, ``largest_divisor_at_most``: small numeric helpers of
+  the zoo's modules (a float32 softmax under autocast, a sqrt with a finite gradient at 0, the
+  group count that divides C).
 """
 
 from __future__ import annotations
@@ -501,3 +504,21 @@ def gate_conv2d(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     ):
         return conv(conv_input(x))
     return _GateConv2d.apply(x, conv.weight)
+
+
+def softmax_float32(logits: torch.Tensor, dim: int) -> torch.Tensor:
+    """softmax in float32 at least (float64 stays float64), cast back to the logits' dtype."""
+    return torch.softmax(logits, dim, dtype=torch.promote_types(logits.dtype, torch.float32)).to(
+        logits.dtype
+    )
+
+
+def safe_sqrt(value: torch.Tensor) -> torch.Tensor:
+    """sqrt(value) for value >= 0, with gradient 0 (not NaN) where value == 0."""
+    positive = value > 0
+    return torch.where(positive, torch.where(positive, value, 1.0).sqrt(), 0.0)
+
+
+def largest_divisor_at_most(number: int, limit: int) -> int:
+    """The largest divisor of ``number`` that is <= ``limit`` (1 if ``limit`` < 1)."""
+    return max(d for d in range(1, max(1, min(number, limit)) + 1) if number % d == 0)

@@ -56,8 +56,7 @@ import torch
 from torch import nn
 
 from ..registry import register_attention
-from .gc import softmax_float32
-from .layers import check_input
+from .layers import check_input, softmax_float32
 
 LAYOUTS = ("parallel", "sequential")
 

@@ -37,20 +37,9 @@ import torch
 from torch import nn
 
 from ..registry import register_attention
-from .layers import check_input
+from .layers import check_input, largest_divisor_at_most, safe_sqrt
 
 EPSILON = 1e-5
-
-
-def largest_divisor_at_most(number: int, limit: int) -> int:
-    """The largest divisor of ``number`` that is <= ``limit`` (both positive)."""
-    return max(d for d in range(1, min(number, limit) + 1) if number % d == 0)
-
-
-def safe_sqrt(value: torch.Tensor) -> torch.Tensor:
-    """sqrt(value) for value >= 0 whose gradient is 0, not NaN, where value == 0."""
-    positive = value > 0
-    return torch.where(positive, torch.where(positive, value, 1.0).sqrt(), 0.0)
 
 
 @register_attention("sge")

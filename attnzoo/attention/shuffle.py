@@ -40,8 +40,7 @@ import torch
 from torch import nn
 
 from ..registry import register_attention
-from .layers import check_input
-from .sge import largest_divisor_at_most
+from .layers import check_input, largest_divisor_at_most
 
 EPSILON = 1e-5
 

@@ -38,13 +38,7 @@ import torch
 from torch import nn
 
 from ..registry import register_attention
-from .layers import SingleSampleSafeBatchNorm1d, check_input
-
-
-def safe_sqrt(value: torch.Tensor) -> torch.Tensor:
-    """sqrt(value) for value >= 0, with gradient 0 (not NaN) where value == 0."""
-    positive = value > 0
-    return torch.where(positive, torch.where(positive, value, 1.0).sqrt(), 0.0)
+from .layers import SingleSampleSafeBatchNorm1d, check_input, safe_sqrt
 
 
 def style_pooling(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,7 +17,8 @@ boundaries):
 - ``"final"``: one module on the last feature map, before pooling (the single-module
   variant of the attention-based CNN paper).
 
-Block-level attentions (bridge) only go in blocks. Model-level attentions (abn,
+Block-level attentions (bridge) only go in blocks; conv-level ones (sk) replace each block's
+3x3 conv, in the backbones with ``takes_conv_attention`` (the ResNets). Model-level attentions (abn,
 bridge_head) are not placed by the backbone at all: ``create_model`` wraps the plain
 backbone, which is why they rely on the methods below and on nothing model-specific.
 """
@@ -29,13 +30,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..registry import attention_level, default_placement
-from .common import AttentionFactory, attention_factory, check_model_input, no_attention
+from .common import (
+    AttentionFactory,
+    attention_factory,
+    check_model_input,
+    conv_factory,
+    no_attention,
+)
 
 PLACEMENTS = ("block", "stage", "final")
 
 
 class Backbone(nn.Module):
     stage_names: tuple[str, ...] = ()
+    takes_conv_attention = False  # whether its blocks can swap their 3x3 conv (sk)
 
     def __init__(self, name: str, in_chans: int, num_classes: int) -> None:
         super().__init__()
@@ -48,6 +56,7 @@ class Backbone(nn.Module):
         self.stage_attention: nn.ModuleList | None = None
         self.final_attention: nn.Module | None = None
         self._placed: tuple[str | None, dict, str] = (None, {}, "block")
+        self.make_conv = None  # the conv-level attention's builder, when there is one
 
     # --- attention placement -------------------------------------------------------------
 
@@ -64,17 +73,26 @@ class Backbone(nn.Module):
             raise ValueError(
                 f"unknown placement {placement!r}; choose one of: {', '.join(PLACEMENTS)}"
             )
-        if (
-            attention is not None
-            and placement != "block"
-            and attention_level(attention) != ("module")
-        ):
+        if attention is not None and placement != "block" and attention_level(attention) == "block":
             raise ValueError(
                 f"attention {attention!r} reads a block's intermediate outputs, so it only goes "
                 f"in blocks: use placement='block', not {placement!r}"
             )
+        if attention is not None and attention_level(attention) == "conv":
+            if not self.takes_conv_attention:
+                raise ValueError(
+                    f"attention {attention!r} replaces a block's 3x3 convolution, which "
+                    f"{self.name} does not support; use a ResNet (resnet18 ... resnet101, "
+                    f"resnext50_32x4d, or the CIFAR resnet20 ... resnet110)"
+                )
+            if placement != "block":
+                raise ValueError(
+                    f"attention {attention!r} replaces a block's 3x3 convolution, so it only "
+                    f"goes in blocks: use placement='block', not {placement!r}"
+                )
         self._placed = (attention, dict(attention_kwargs or {}), placement)
-        if placement != "block":
+        self.make_conv = conv_factory(attention, attention_kwargs)
+        if placement != "block" or self.make_conv is not None:
             return no_attention
         return attention_factory(attention, attention_kwargs)
 
@@ -108,7 +126,8 @@ class Backbone(nn.Module):
             elif isinstance(m, nn.Linear):
                 if linear_std is not None:
                     nn.init.normal_(m.weight, 0.0, linear_std)
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
 
     # --- forward pieces ------------------------------------------------------------------
 

@@ -9,7 +9,8 @@ projection where the shape changes.
 The attention module sits in every residual block after the last BN and before the
 addition with the shortcut (HAM Fig. 4, SE/CBAM placement); ``placement="stage"`` or
 ``"final"`` moves it to the stage boundaries or the last feature map (see backbone.py).
-A block-level attention (bridge) also reads the block's first conv output, after its
+A conv-level attention (``sk``) replaces the block's first 3x3 conv and its BN. A block-level
+attention (bridge) also reads the block's first conv output, after its
 BN and ReLU.
 
 Parameters with 10 classes, no attention: resnet20 269,722; resnet32 464,154;
@@ -23,7 +24,7 @@ from torch import nn
 
 from ..registry import register_model
 from .backbone import Backbone
-from .common import AttentionFactory, attend, make_shortcut
+from .common import AttentionFactory, ConvFactory, attend, make_shortcut
 
 
 class BasicBlock(nn.Module):
@@ -36,10 +37,15 @@ class BasicBlock(nn.Module):
         stride: int,
         shortcut: str,
         make_attention: AttentionFactory,
+        make_conv: ConvFactory = None,
     ) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(out_channels)
+        if make_conv is None:
+            self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
+            self.bn1: nn.Module = nn.BatchNorm2d(out_channels)
+        else:  # a selective-kernel conv: its output is already after BN and ReLU
+            self.conv1 = make_conv(in_channels, out_channels, stride)
+            self.bn1 = nn.Identity()
         self.relu = nn.ReLU(inplace=True)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(out_channels)
@@ -54,6 +60,7 @@ class BasicBlock(nn.Module):
 
 class CifarResNet(Backbone):
     stage_names = ("layer1", "layer2", "layer3")
+    takes_conv_attention = True
 
     def __init__(
         self,
@@ -94,7 +101,12 @@ class CifarResNet(Backbone):
         for j in range(self.blocks_per_stage):
             layers.append(
                 BasicBlock(
-                    in_channels, width, stride if j == 0 else 1, self.shortcut, make_attention
+                    in_channels,
+                    width,
+                    stride if j == 0 else 1,
+                    self.shortcut,
+                    make_attention,
+                    self.make_conv,
                 )
             )
             in_channels = width

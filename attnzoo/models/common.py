@@ -32,6 +32,8 @@ def attention_factory(attention: str | None, attention_kwargs: dict | None) -> A
     level = attention_level(attention)
     if level == "model":
         raise ValueError(f"{attention!r} is a model-level attention; it does not go in a block")
+    if level == "conv":
+        raise ValueError(f"{attention!r} replaces a convolution; build it with conv_factory")
     if level == "block":
         if "earlier_channels" in kwargs:
             raise ValueError("earlier_channels is set by the backbone, not by attention_kwargs")
@@ -45,6 +47,29 @@ def attention_factory(attention: str | None, attention_kwargs: dict | None) -> A
 
     def build(channels: int, earlier_channels: Sequence[int] = ()) -> nn.Module:
         return create_attention(attention, channels, **kwargs)
+
+    return build
+
+
+# (in_channels, out_channels, stride, groups) -> module replacing a block's 3x3 conv, or None
+ConvFactory = Callable[..., nn.Module] | None
+
+
+def conv_factory(attention: str | None, attention_kwargs: dict | None) -> ConvFactory:
+    """The builder of a conv-level attention (selective kernel) for a block's 3x3 conv, or
+    None when ``attention`` is not conv-level (the block keeps its plain conv)."""
+    if attention is None or attention_level(attention) != "conv":
+        return None
+    kwargs = dict(attention_kwargs or {})
+    taken = sorted({"out_channels", "stride", "groups"} & set(kwargs))
+    if taken:
+        raise ValueError(f"{', '.join(taken)} of {attention!r} are set by the backbone's block")
+
+    def build(in_channels: int, out_channels: int, stride: int = 1, groups: int = 1) -> nn.Module:
+        return create_attention(
+            attention, in_channels, out_channels=out_channels, stride=stride, groups=groups,
+            **kwargs,
+        )  # fmt: skip
 
     return build
 

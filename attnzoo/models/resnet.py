@@ -28,7 +28,9 @@ Options:
 
 Attention: in every block, after the last BN and before the addition with the shortcut
 (``placement="block"``); ``"stage"`` and ``"final"`` move it to the stage boundaries or the
-last feature map (see backbone.py). A block-level attention (bridge) also reads the block's
+last feature map (see backbone.py). A conv-level attention (``sk``) replaces the block's 3x3 conv and the BN after it: conv2 and
+bn2 of a Bottleneck (at the block's stride and groups), conv1 and bn1 of a BasicBlock (as
+timm's SK ResNets). A block-level attention (bridge) also reads the block's
 earlier conv outputs after their BN and ReLU: relu(bn1) in a BasicBlock, relu(bn1) and
 relu(bn2) in a Bottleneck. ``make_stage`` builds a fresh stage, so model-level attentions
 (abn, bridge_head) wrap these backbones too.
@@ -81,7 +83,14 @@ from torch import nn
 
 from ..registry import register_model
 from .backbone import Backbone
-from .common import AttentionFactory, attend, check_shortcut, make_shortcut, no_attention
+from .common import (
+    AttentionFactory,
+    ConvFactory,
+    attend,
+    check_shortcut,
+    make_shortcut,
+    no_attention,
+)
 
 STEMS = ("imagenet", "cifar", "cifar_pool")
 BOTTLENECK_STRIDES = ("3x3", "1x1")
@@ -109,12 +118,17 @@ class BasicBlock(nn.Module):
         make_attention: AttentionFactory = no_attention,
         groups: int = 1,
         base_width: int = 64,
+        make_conv: ConvFactory = None,
     ) -> None:
         super().__init__()
         if groups != 1 or base_width != 64:
             raise ValueError("BasicBlock only supports groups=1 and base_width=64")
-        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
+        if make_conv is None:
+            self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+            self.bn1: nn.Module = nn.BatchNorm2d(planes)
+        else:  # a selective-kernel conv: its output is already after BN and ReLU
+            self.conv1 = make_conv(inplanes, planes, stride)
+            self.bn1 = nn.Identity()
         self.relu = nn.ReLU(inplace=True)
         self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
@@ -150,6 +164,7 @@ class Bottleneck(nn.Module):
         groups: int = 1,
         base_width: int = 64,
         stride_on: str = "3x3",
+        make_conv: ConvFactory = None,
     ) -> None:
         super().__init__()
         width = int(planes * (base_width / 64.0)) * groups
@@ -157,8 +172,12 @@ class Bottleneck(nn.Module):
         first, middle = (1, stride) if stride_on == "3x3" else (stride, 1)
         self.conv1 = nn.Conv2d(inplanes, width, 1, stride=first, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = nn.Conv2d(width, width, 3, middle, 1, groups=groups, bias=False)
-        self.bn2 = nn.BatchNorm2d(width)
+        if make_conv is None:
+            self.conv2 = nn.Conv2d(width, width, 3, middle, 1, groups=groups, bias=False)
+            self.bn2: nn.Module = nn.BatchNorm2d(width)
+        else:  # a selective-kernel conv: its output is already after BN and ReLU
+            self.conv2 = make_conv(width, width, middle, groups)
+            self.bn2 = nn.Identity()
         self.conv3 = nn.Conv2d(width, out_channels, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(out_channels)
         self.relu = nn.ReLU(inplace=True)
@@ -176,6 +195,7 @@ class Bottleneck(nn.Module):
 
 class ResNet(Backbone):
     stage_names = ("layer1", "layer2", "layer3", "layer4")
+    takes_conv_attention = True
 
     def __init__(
         self,
@@ -254,6 +274,7 @@ class ResNet(Backbone):
                     self.groups,
                     self.width_per_group,
                     **({"stride_on": self.bottleneck_stride} if self.block is Bottleneck else {}),
+                    make_conv=self.make_conv,
                 )
             )
             in_channels = planes * self.block.expansion

@@ -16,7 +16,7 @@ from torch import nn
 import attnzoo
 from attnzoo.registry import attention_class, create_attention
 
-NAMES = attnzoo.list_attentions(level=("module", "block"))  # model-level: tests/models
+NAMES = attnzoo.list_attentions(level=("module", "block", "conv"))  # model-level: tests/models
 CHANNELS = (16, 32)
 # (N, H, W) and the mode to run in; odd sizes on purpose. A single value per channel
 # (batch 1 at 1x1) runs in eval mode: BatchNorm cannot take batch statistics of one value.
