@@ -47,12 +47,14 @@ def test_list(capsys):
         "models",
         "attentions",
         "block-level attentions",
+        "conv-level attentions",
         "model-level attentions",
         "datasets",
         "recipes",
         "tables",
     }
     assert tables["model-level attentions"] == "abn, bridge_head"
+    assert "sk" in tables["conv-level attentions"].split(", ")
     assert "resnet20" in tables["models"].split(", ")
     assert "ham" in tables["attentions"].split(", ")
     assert tables["datasets"] == "cifar10, cifar100, digits, imagenet, stl10"

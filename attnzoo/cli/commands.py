@@ -243,7 +243,8 @@ def cmd_list(args: argparse.Namespace) -> int:
         if args.what in (None, name):
             print(f"{name}: {', '.join(items)}")
         if name == "attentions" and args.what in (None, name):
-            # Not drop-in C -> C modules: they go in blocks only, or wrap the whole network.
-            for level in ("block", "model"):
+            # Not drop-in C -> C modules: they go in blocks only, replace a block's 3x3 conv,
+            # or wrap the whole network.
+            for level in ("block", "conv", "model"):
                 print(f"{level}-level attentions: {', '.join(list_attentions(level=level))}")
     return 0

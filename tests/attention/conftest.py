@@ -92,6 +92,7 @@ ZERO_GRADIENT_BY_CONSTRUCTION: dict[str, dict[str, str]] = {
         },
     },
     "coord": {"conv1.bias": "train mode: the BatchNorm2d after it subtracts it again"},
+    "splat": {"fc1.bias": "train mode: the BatchNorm1d after it subtracts it again"},
     "gam": {
         "spatial_conv1.bias": "train mode: the BatchNorm2d after it subtracts it again",
         "spatial_conv2.bias": "train mode: the BatchNorm2d after it subtracts it again",
