@@ -43,9 +43,13 @@ class BasicBlock(nn.Module):
         if make_conv is None:
             self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
             self.bn1: nn.Module = nn.BatchNorm2d(out_channels)
-        else:  # a selective-kernel conv: its output is already after BN and ReLU
+        else:  # a conv-level attention; sk and splat end in their own BN and ReLU
             self.conv1 = make_conv(in_channels, out_channels, stride)
-            self.bn1 = nn.Identity()
+            self.bn1 = (
+                nn.Identity()
+                if getattr(self.conv1, "normalizes_output", True)
+                else nn.BatchNorm2d(out_channels)
+            )
         self.relu = nn.ReLU(inplace=True)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(out_channels)

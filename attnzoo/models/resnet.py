@@ -126,9 +126,13 @@ class BasicBlock(nn.Module):
         if make_conv is None:
             self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
             self.bn1: nn.Module = nn.BatchNorm2d(planes)
-        else:  # a selective-kernel conv: its output is already after BN and ReLU
+        else:  # a conv-level attention; sk and splat end in their own BN and ReLU
             self.conv1 = make_conv(inplanes, planes, stride)
-            self.bn1 = nn.Identity()
+            self.bn1 = (
+                nn.Identity()
+                if getattr(self.conv1, "normalizes_output", True)
+                else nn.BatchNorm2d(planes)
+            )
         self.relu = nn.ReLU(inplace=True)
         self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
@@ -175,9 +179,13 @@ class Bottleneck(nn.Module):
         if make_conv is None:
             self.conv2 = nn.Conv2d(width, width, 3, middle, 1, groups=groups, bias=False)
             self.bn2: nn.Module = nn.BatchNorm2d(width)
-        else:  # a selective-kernel conv: its output is already after BN and ReLU
+        else:  # a conv-level attention; sk and splat end in their own BN and ReLU
             self.conv2 = make_conv(width, width, middle, groups)
-            self.bn2 = nn.Identity()
+            self.bn2 = (
+                nn.Identity()
+                if getattr(self.conv2, "normalizes_output", True)
+                else nn.BatchNorm2d(width)
+            )
         self.conv3 = nn.Conv2d(width, out_channels, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(out_channels)
         self.relu = nn.ReLU(inplace=True)
