@@ -31,8 +31,9 @@ import torch
 
 from attnzoo import create_model
 from attnzoo.experiments import list_tables, load_table
-from attnzoo.experiments.spec import params_notes
+from attnzoo.experiments.spec import load_module_params, params_notes
 from attnzoo.measure import count_flops, count_params
+from attnzoo.registry import attention_level, default_placement, list_attentions
 
 DIFF_NOTE = 0.5  # percent: differences above this are flagged for explanation
 
@@ -221,6 +222,66 @@ def flops_explained_markdown(keys: list[str], records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _counts(model_name: str, num_classes: int, input_size: int, macs: bool, **kwargs):
+    with torch.device("meta"):
+        model = create_model(model_name, num_classes=num_classes, **kwargs)
+        x = torch.empty(1, 3, input_size, input_size)
+    return count_params(model), (count_flops(model, x) // 2 if macs else None)
+
+
+def zoo_markdown(macs: bool = True) -> str:
+    """Every module on ResNet-50 (ImageNet), and the zoo modules' own papers' numbers."""
+    base_params, base_macs = _counts("resnet50", 1000, 224, macs)
+    lines = [
+        "## Every module on ResNet-50 (ImageNet, 1000 classes, 224 px)",
+        "",
+        f"Each at its default placement; plain ResNet-50: {base_params:,} parameters"
+        + (f", {base_macs / 1e9:.3f} GMACs." if macs else "."),
+        "",
+        "| attention | level | placement | params | + params | MACs (G) | + MACs |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name in list_attentions(level=("module", "block", "conv")):
+        params, n_macs = _counts("resnet50", 1000, 224, macs, attention=name)
+        mac_cells = (
+            f"{n_macs / 1e9:.3f} | {100 * (n_macs / base_macs - 1):+.2f}%" if macs else "- | -"
+        )
+        lines.append(
+            f"| `{name}` | {attention_level(name)} | {default_placement(name)} | {params:,} "
+            f"| {params - base_params:+,} | {mac_cells} |"
+        )
+    lines += [
+        "",
+        "## The zoo modules beside their own papers",
+        "",
+        "Rows of `attnzoo/experiments/zoo/module_params.yaml`: only numbers read from their "
+        "source. Their FLOPs columns count multiply-adds.",
+        "",
+        "| row | model, options | params | paper (M) | diff | MACs (G) | paper (G) | MACs diff "
+        "| source | note |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in load_module_params():
+        params, n_macs = _counts(
+            row.model, row.num_classes, row.input_size, macs, attention=row.attention,
+            attention_kwargs=row.attention_kwargs, **row.model_kwargs,
+        )  # fmt: skip
+        diff, _ = compare(params, row.paper_params_m)
+        macs_diff = (
+            f"{100 * (n_macs / 1e9 / row.paper_gmacs - 1):+.1f}%"
+            if n_macs is not None and row.paper_gmacs
+            else "-"
+        )
+        opts = [row.model, row.attention, f"{row.num_classes} classes", f"{row.input_size}px"]
+        opts += [f"{k}={v}" for k, v in {**row.attention_kwargs, **row.model_kwargs}.items()]
+        lines.append(
+            f"| {row.name} | {'; '.join(opts)} | {params:,} | {row.paper_params_m:.2f} | {diff} "
+            f"| {fmt(n_macs / 1e9 if n_macs else None, '.3f')} | {fmt(row.paper_gmacs, '.2f')} "
+            f"| {macs_diff} | {row.source} | {row.note} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("tables", nargs="*", help=f"default: all of {', '.join(list_tables())}")
@@ -249,6 +310,9 @@ def main() -> int:
         text, table_records = table_markdown(key, macs=not args.no_macs)
         records += table_records
         out.append(text)
+        out.append("")
+    if not args.tables:
+        out.append(zoo_markdown(macs=not args.no_macs))
         out.append("")
     out.append(explained_markdown(keys, records))
     out.append("")

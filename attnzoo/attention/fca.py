@@ -64,7 +64,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..registry import register_attention
-from .layers import check_input, reduced_channels
+from .layers import check_input, exporting, reduced_channels
+
+
+def adaptive_pool_matrix(
+    length: int, size: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """(size, length) matrix M with ``M @ v`` = ``adaptive_avg_pool1d(v, size)``: row i
+    averages positions floor(i L / S) .. ceil((i + 1) L / S) - 1. Built from tensor ops, so
+    a traced graph keeps ``length`` dynamic (adaptive pooling itself would pin it)."""
+    i = torch.arange(size, device=device)
+    start = (i * length) // size
+    end = ((i + 1) * length + size - 1) // size
+    pos = torch.arange(length, device=device)
+    inside = (pos[None, :] >= start[:, None]) & (pos[None, :] < end[:, None])
+    return inside.to(dtype) / (end - start).to(dtype)[:, None]
 
 # (u, v) = (vertical, horizontal) frequency on the 7 x 7 grid, best first, from the official
 # code's rankings (``get_freq_indices``).
@@ -167,8 +181,13 @@ class FrequencyChannelAttention(nn.Module):
         """Freq: each channel's DCT coefficient at its part's frequency, (N, C), in at least
         float32."""
         size = self.dct_size
-        pooled = x if x.shape[2:] == (size, size) else F.adaptive_avg_pool2d(x, size)
         dtype = torch.promote_types(x.dtype, torch.float32)
+        if exporting():  # the same pooling as products with (S, H) and (S, W) matrices
+            pool_h = adaptive_pool_matrix(x.shape[2], size, dtype, x.device)
+            pool_w = adaptive_pool_matrix(x.shape[3], size, dtype, x.device)
+            pooled = pool_h @ x.to(dtype) @ pool_w.T
+        else:
+            pooled = x if x.shape[2:] == (size, size) else F.adaptive_avg_pool2d(x, size)
         basis_h = dct_basis(self.frequency_u, size, dtype)  # (C, S) over h
         basis_w = dct_basis(self.frequency_v, size, dtype)  # (C, S) over w
         along_w = (pooled.to(dtype) * basis_w[:, None, :]).sum(dim=3)  # (N, C, S)

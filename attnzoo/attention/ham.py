@@ -63,6 +63,7 @@ from .layers import (
     check_input,
     conv_input,
     eca_kernel_size,
+    exporting,
     gate_conv2d,
     global_max_pool,
     pooled_gate,
@@ -136,7 +137,10 @@ class HAMSpatialAttention(nn.Module):
         """1 for each sample's top-C_im channels, else 0; shape (N, C, 1, 1)."""
         flat = channel_weights.flatten(1)
         # A stable descending sort breaks ties by the lowest channel index, on every device.
-        top = flat.sort(dim=1, descending=True, stable=True).indices[:, : self.important]
+        if exporting():  # ONNX has no stable sort; its TopK also puts lower indices first
+            top = flat.topk(self.important, dim=1).indices
+        else:
+            top = flat.sort(dim=1, descending=True, stable=True).indices[:, : self.important]
         mask = torch.zeros_like(flat).scatter_(1, top, 1.0)
         return mask.view_as(channel_weights)
 

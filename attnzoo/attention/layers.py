@@ -201,6 +201,16 @@ def plain_gates() -> Iterator[None]:
         _PLAIN.pop()
 
 
+def exporting() -> bool:
+    """Whether the model is being traced for export (torch.export, the ONNX exporters,
+    ``torch.jit.trace``): there the modules take export-friendly paths with the same values
+    (``mean``/``amax`` instead of adaptive pooling to a size read from the input, which would
+    pin that size)."""
+    return (
+        torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
+    )
+
+
 def use_fused(*tensors: torch.Tensor) -> bool:
     """Whether a fused gate node applies: eager mode, autograd recording, no ``plain_gates``."""
     return (
@@ -229,6 +239,9 @@ def _pool(
             values, index = x.max(dim=1, keepdim=True)
             return mean, values, index
         return mean, channel_max(x), None
+    if exporting() and not indices:  # same values; pooling to (h, 1) would pin h in a graph
+        mean = x.mean(dim=dims, keepdim=True)
+        return mean, x.amax(dim=dims, keepdim=True) if use_max else None, None
     size = {(2, 3): (1, 1), (3,): (h, 1), (2,): (1, w)}[dims]
     mean = x.mean(dim=(2, 3), keepdim=True) if dims == (2, 3) else F.adaptive_avg_pool2d(x, size)
     if not use_max:
@@ -491,6 +504,7 @@ def gate_conv2d(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     if (
         _PLAIN[-1]
         or torch.compiler.is_compiling()
+        or exporting()
         or x.device.type != "cpu"
         or x.shape[2] * x.shape[3] < BANDED_MIN_POSITIONS
         or conv.bias is not None

@@ -348,3 +348,52 @@ def _paper_gflops(key: str, value: Any, rows: list[Row]) -> str | None:
             f"table {key!r}: paper_gflops must be one of {PAPER_GFLOPS}, got {value!r}"
         )
     return value
+
+
+@dataclass(frozen=True)
+class ModuleParamsRow:
+    """A zoo module's published parameter count (and MACs) for one network
+    (``zoo/module_params.yaml``)."""
+
+    name: str
+    model: str
+    attention: str
+    attention_kwargs: dict
+    model_kwargs: dict
+    num_classes: int
+    input_size: int
+    paper_params_m: float
+    paper_gmacs: float | None
+    source: str
+    note: str = ""
+
+
+MODULE_PARAMS_KEYS = set(ModuleParamsRow.__dataclass_fields__)
+
+
+def load_module_params() -> list[ModuleParamsRow]:
+    """The rows of ``zoo/module_params.yaml``: what the zoo modules' own papers publish."""
+    path = TABLE_DIR / "zoo" / "module_params.yaml"
+    rows = read_yaml_mapping(path, ValueError, "the module parameter list").get("rows") or []
+    out = []
+    for i, raw in enumerate(rows):
+        bad = sorted(set(raw) - MODULE_PARAMS_KEYS)
+        if bad:
+            raise ValueError(f"{path.name}, row {i + 1}: unknown key(s) {bad}")
+        check_attention(raw["attention"], raw.get("attention_kwargs"))
+        out.append(
+            ModuleParamsRow(
+                name=raw["name"],
+                model=raw["model"],
+                attention=raw["attention"],
+                attention_kwargs=dict(raw.get("attention_kwargs") or {}),
+                model_kwargs=dict(raw.get("model_kwargs") or {}),
+                num_classes=int(raw.get("num_classes", 1000)),
+                input_size=int(raw.get("input_size", 224)),
+                paper_params_m=float(raw["paper_params_m"]),
+                paper_gmacs=raw.get("paper_gmacs"),
+                source=str(raw["source"]),
+                note=str(raw.get("note", "")),
+            )
+        )
+    return out

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import attnzoo
-from attnzoo.experiments import list_tables, load_table
+from attnzoo.experiments import list_tables, load_table, spec
 from attnzoo.experiments.report import RowResult, RunResult, apply_metric, render_markdown
 from attnzoo.experiments.reproduce import plan_runs
-from attnzoo.experiments.spec import FLOPS_TOLERANCE_PCT, params_notes
+from attnzoo.experiments.spec import FLOPS_TOLERANCE_PCT, load_module_params, params_notes
 from attnzoo.measure import count_flops, count_params
 from attnzoo.utils.io import read_yaml_mapping
 
@@ -270,3 +270,31 @@ def test_detectable_difference_and_seeds_needed():
     p = paired(base, row)
     assert p["detectable"] == pytest.approx(detectable_difference(p["std"], 3))
     assert p["seeds_needed"] == seeds_needed(p["std"], 0.3)
+
+
+MODULE_PARAMS = load_module_params()
+
+
+@pytest.mark.parametrize("row", MODULE_PARAMS, ids=[r.name for r in MODULE_PARAMS])
+def test_zoo_modules_match_their_own_papers(row):
+    """The zoo modules' published counts (experiments/zoo/module_params.yaml): parameters
+    within 0.5% (or to the paper's two decimals), MACs within 1% where given."""
+    macs = macs_g(row)
+    with torch.device("meta"):
+        model = attnzoo.create_model(
+            row.model, num_classes=row.num_classes, attention=row.attention,
+            attention_kwargs=row.attention_kwargs, **row.model_kwargs,
+        )  # fmt: skip
+    params_m = count_params(model) / 1e6
+    assert abs(params_m / row.paper_params_m - 1) < 0.005, (params_m, row.paper_params_m)
+    if row.paper_gmacs:
+        assert abs(macs / row.paper_gmacs - 1) < 0.01, (macs, row.paper_gmacs)
+
+
+def test_module_params_rows_are_checked(monkeypatch):
+    assert {r.attention for r in MODULE_PARAMS} >= {"sk", "splat", "epsa", "sge", "shuffle"}
+    monkeypatch.setattr(
+        spec, "read_yaml_mapping", lambda *a: {"rows": [{"name": "x", "paperr": 1}]}
+    )
+    with pytest.raises(ValueError, match=r"row 1: unknown key\(s\) \['paperr'\]"):
+        load_module_params()
