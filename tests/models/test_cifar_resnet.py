@@ -74,7 +74,7 @@ def test_bad_input():
         attnzoo.create_model("resnet20", shortcut="C")
     with pytest.raises(ValueError, match="unknown option"):
         attnzoo.create_model("resnet20", widen=2)
-    with pytest.raises(ValueError, match="unknown attention 'hamm'; choose one of: abn, bam"):
+    with pytest.raises(ValueError, match="unknown attention 'hamm'; choose one of: a2, abn, bam, "):
         attnzoo.create_model("resnet20", attention="hamm")
     with pytest.raises(ValueError, match="separation_rate must be in"):
         attnzoo.create_model("resnet20", attention="ham", attention_kwargs={"separation_rate": 1.5})
