@@ -12,6 +12,10 @@ model.
 ``check_onnx(model, path, inputs)`` runs the file in onnxruntime (CPU) and returns the
 largest absolute difference from ``model(*inputs)`` in eval mode.
 
+``attention_for_export(name, channels)`` builds one registered attention as a module whose
+inputs are plain tensors (a block-level attention such as BA-Net's bridge takes the block's
+earlier outputs as extra inputs), with a maker of example inputs of any (N, H, W).
+
 Both need the ``export`` extra: ``pip install 'attnzoo[export]'`` (onnx, onnxruntime,
 onnxscript).
 """
@@ -23,7 +27,7 @@ import io
 import os
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +134,72 @@ def _export_torchscript(
             opset_version=opset or 17,
             do_constant_folding=True,
         )
+
+
+class EarlierAsInputs(nn.Module):
+    """A block-level attention ``module(x, [e0, ...])`` as ``forward(x, e0, ...)`` with a
+    fixed number of plain tensor inputs, which the exporters can trace (they cannot give
+    dynamic shapes to a list, nor to ``*args``). Build it with ``earlier_as_inputs``."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+
+class _OneEarlier(EarlierAsInputs):
+    def forward(self, x: torch.Tensor, e0: torch.Tensor) -> torch.Tensor:
+        return self.module(x, [e0])
+
+
+class _TwoEarlier(EarlierAsInputs):
+    def forward(self, x: torch.Tensor, e0: torch.Tensor, e1: torch.Tensor) -> torch.Tensor:
+        return self.module(x, [e0, e1])
+
+
+class _ThreeEarlier(EarlierAsInputs):
+    def forward(
+        self, x: torch.Tensor, e0: torch.Tensor, e1: torch.Tensor, e2: torch.Tensor
+    ) -> torch.Tensor:
+        return self.module(x, [e0, e1, e2])
+
+
+_EARLIER_WRAPPERS = {1: _OneEarlier, 2: _TwoEarlier, 3: _ThreeEarlier}
+
+
+def earlier_as_inputs(module: nn.Module, count: int) -> EarlierAsInputs:
+    """Wrap a block-level attention that reads ``count`` earlier outputs (1 to 3)."""
+    if count not in _EARLIER_WRAPPERS:
+        raise ValueError(
+            f"a block-level attention with {count} earlier outputs cannot be wrapped for "
+            f"export; wrappers exist for {sorted(_EARLIER_WRAPPERS)}"
+        )
+    return _EARLIER_WRAPPERS[count](module)
+
+
+def attention_for_export(
+    name: str, channels: int, **kwargs: Any
+) -> tuple[nn.Module, Callable[[int, int, int], tuple[torch.Tensor, ...]]]:
+    """``create_attention(name, channels, **kwargs)`` ready for ``export_onnx``, and
+    ``make(n, h, w)``, which returns random example inputs of batch ``n`` and size ``h x w``.
+
+    A block-level attention is wrapped by ``earlier_as_inputs`` with one earlier output of
+    ``channels`` channels unless ``earlier_channels`` is given.
+    """
+    from attnzoo.registry import attention_level, create_attention
+
+    if attention_level(name) == "block":
+        kwargs.setdefault("earlier_channels", (channels,))
+        in_channels = (channels, *kwargs["earlier_channels"])
+        module: nn.Module = earlier_as_inputs(
+            create_attention(name, channels, **kwargs), len(in_channels) - 1
+        )
+    else:
+        module, in_channels = create_attention(name, channels, **kwargs), (channels,)
+
+    def make(n: int, h: int, w: int) -> tuple[torch.Tensor, ...]:
+        return tuple(torch.randn(n, c, h, w) for c in in_channels)
+
+    return module, make
 
 
 def export_onnx(

@@ -3,31 +3,15 @@ gradient check that knows which parameters get no gradient by construction."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import pytest
 import torch
 from torch import nn
 
+from attnzoo.utils.random_weights import randomize_
 
-def _randomize(module: nn.Module) -> nn.Module:
-    """Fill every parameter and BN running stat with random, non-trivial values.
-
-    Weights get std 1/sqrt(fan_in) so gates stay away from saturation; BN gets a scale
-    around 1, a shift around 0 and running stats away from (0, 1).
-    """
-    with torch.no_grad():
-        for param in module.parameters():
-            fan_in = param[0].numel() if param.dim() > 1 else 4
-            param.normal_(0.0, 1.0 / math.sqrt(fan_in))
-        for bn in module.modules():
-            if isinstance(bn, nn.modules.batchnorm._BatchNorm):
-                bn.weight.uniform_(0.5, 1.5)
-                bn.bias.uniform_(-0.5, 0.5)
-                bn.running_mean.uniform_(-0.5, 0.5)
-                bn.running_var.uniform_(0.5, 2.0)
-    return module
+_randomize = randomize_
 
 
 def _batch_norm_by_hand(
