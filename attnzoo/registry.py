@@ -24,6 +24,7 @@ Every attention has a *level*, which says how a backbone plugs it in:
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -173,12 +174,32 @@ def create_model(
     num_classes: int | None = None,
     attention: str | None = None,
     attention_kwargs: dict | None = None,
+    attention_init: str = "default",
+    pretrained: str | os.PathLike | None = None,
     **kwargs: Any,
 ) -> nn.Module:
     """Build model ``name`` with ``attention`` (a registered name, or None) plugged in.
 
     ``num_classes`` defaults to the model's natural value (``default_num_classes``): 10 for
-    the CIFAR models, 1000 for the ImageNet ones, as in timm and torchvision."""
+    the CIFAR models, 1000 for the ImageNet ones, as in timm and torchvision.
+    ``attention_init="identity"`` starts every attention module as the identity, so the model
+    computes what the plain one does (for pretrained weights; per module in
+    ``attention/identity_init.py``); ``"default"`` keeps each module's own init.
+    ``pretrained``: ``"torchvision"``, ``"timm:<name>"``, a state_dict file or an ``attnzoo
+    export`` directory; the backbone loads from it and the attention modules start as
+    initialised (``pretrained.py``; ``model.pretrained_report`` says what was loaded)."""
+    if pretrained is not None:
+        from .pretrained import create_pretrained_model
+
+        return create_pretrained_model(
+            name,
+            pretrained,
+            num_classes=num_classes,
+            attention=attention,
+            attention_kwargs=attention_kwargs,
+            attention_init=attention_init,
+            **kwargs,
+        )
     fn = _lookup("model", name, _MODELS)
     if num_classes is None:
         num_classes = default_num_classes(name)
@@ -187,6 +208,9 @@ def create_model(
     check_attention(attention, attention_kwargs)
     if attention in NO_ATTENTION:
         attention = None
+    from .attention.identity_init import apply_identity_init, check_attention_init
+
+    check_attention_init(attention_init, attention)
     if attention is not None and _LEVELS[attention] == "model":
         if "placement" in kwargs:
             raise ValueError(
@@ -201,15 +225,19 @@ def create_model(
             attention_kwargs={},
             **kwargs,
         )
-        return _call_checked(
+        model = _call_checked(
             "attention", attention, _ATTENTIONS[attention], backbone, **(attention_kwargs or {})
         )
-    return _call_checked(
-        "model",
-        name,
-        fn,
-        num_classes=num_classes,
-        attention=attention,
-        attention_kwargs=dict(attention_kwargs or {}),
-        **kwargs,
-    )
+    else:
+        model = _call_checked(
+            "model",
+            name,
+            fn,
+            num_classes=num_classes,
+            attention=attention,
+            attention_kwargs=dict(attention_kwargs or {}),
+            **kwargs,
+        )
+    if attention_init == "identity":
+        apply_identity_init(model)
+    return model

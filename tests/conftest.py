@@ -87,3 +87,14 @@ def pytest_runtest_call(item: pytest.Item):
                 f"CPU ({torch.backends.cpu.get_cpu_capability()} forced): {str(e)[:120]}"
             )
         raise
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a test module of small models: on a shared 2-core machine a
+    second thread only adds contention. Restored afterwards. Use it with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

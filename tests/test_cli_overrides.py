@@ -30,6 +30,10 @@ def other_value(key: str, value):
         return [0.25, 0.5]
     if key == "schedule":
         return "constant" if value != "constant" else "cosine"
+    if key == "optimizer":
+        return "adamw" if value != "adamw" else "sgd"
+    if key == "auto_augment":
+        return "randaugment" if value != "randaugment" else "trivialaugment"
     if key == "epochs":
         return value + 3
     if key == "batch_size":

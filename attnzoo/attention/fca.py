@@ -80,6 +80,7 @@ def adaptive_pool_matrix(
     inside = (pos[None, :] >= start[:, None]) & (pos[None, :] < end[:, None])
     return inside.to(dtype) / (end - start).to(dtype)[:, None]
 
+
 # (u, v) = (vertical, horizontal) frequency on the 7 x 7 grid, best first, from the official
 # code's rankings (``get_freq_indices``).
 FREQUENCY_TABLES: dict[str, tuple[tuple[int, int], ...]] = {

@@ -206,9 +206,7 @@ def exporting() -> bool:
     ``torch.jit.trace``): there the modules take export-friendly paths with the same values
     (``mean``/``amax`` instead of adaptive pooling to a size read from the input, which would
     pin that size)."""
-    return (
-        torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
-    )
+    return torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
 
 
 def use_fused(*tensors: torch.Tensor) -> bool:

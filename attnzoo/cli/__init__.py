@@ -1,5 +1,5 @@
 """Command line: ``attnzoo train | eval | profile | bench | reproduce | report | visualize |
-list`` (also ``python -m attnzoo``).
+export | list`` (also ``python -m attnzoo``).
 
 Where things are: ``parser.py`` every command's options; ``train.py`` the train command
 (resume, ``--nproc``); ``commands.py`` the other commands.
@@ -15,6 +15,7 @@ import sys
 from .commands import (
     cmd_bench,
     cmd_eval,
+    cmd_export,
     cmd_list,
     cmd_profile,
     cmd_report,
@@ -43,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
             "reproduce": cmd_reproduce,
             "report": cmd_report,
             "visualize": cmd_visualize,
+            "export": cmd_export,
         }
         return commands[args.command](args)
     except (ValueError, TypeError, DataError, RunError, FileNotFoundError, PermissionError) as e:

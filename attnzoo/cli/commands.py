@@ -1,5 +1,5 @@
 """The other commands: ``eval``, ``profile``, ``bench``, ``reproduce``, ``report``,
-``visualize`` and ``list``. Each only parses its arguments and calls the library."""
+``visualize``, ``export`` and ``list``. Each only parses its arguments and calls the library."""
 
 from __future__ import annotations
 
@@ -223,6 +223,18 @@ def cmd_visualize(args: argparse.Namespace) -> int:
     for reason in result["skipped"]:
         print(f"skipped {reason}")
     print(f"wrote {', '.join(str(p) for p in result['written'])}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from ..hub import export_run
+
+    config = export_run(args.run_dir, args.out_dir, force=args.force)
+    print(
+        f"wrote {args.out_dir}: {config['model']} + {config['attention'] or 'no attention'}, "
+        f"top-1 error {config['results']['final_top1_err']:.2f}% on {config['dataset']}; load "
+        f"it with attnzoo.hub.load_pretrained({str(args.out_dir)!r})"
+    )
     return 0
 
 

@@ -53,6 +53,31 @@ def parse_overrides(items: list[str] | None) -> dict:
     return values
 
 
+def add_training_option_flags(t: argparse.ArgumentParser) -> None:
+    """``train`` flags of the modern training options (docs/training.md); all default off."""
+    o = t.add_argument_group("modern training options (docs/training.md)")
+    o.add_argument("--optimizer", choices=["sgd", "adamw"], help="default sgd")
+    o.add_argument("--betas", type=float, nargs=2, metavar="B", help="adamw: e.g. 0.9 0.999")
+    o.add_argument("--label-smoothing", type=float, metavar="F", help="e.g. 0.1 (default 0)")
+    o.add_argument("--mixup-alpha", type=float, metavar="A", help="mixup Beta alpha (0: off)")
+    o.add_argument("--cutmix-alpha", type=float, metavar="A", help="CutMix Beta alpha (0: off)")
+    o.add_argument("--mix-prob", type=float, metavar="P", help="probability a batch is mixed")
+    o.add_argument(
+        "--mix-switch-prob", type=float, metavar="P", help="with both: probability of CutMix"
+    )
+    o.add_argument("--ema-decay", type=float, metavar="D", help="weight EMA, e.g. 0.999 (0: off)")
+    o.add_argument(
+        "--auto-augment",
+        choices=["none", "trivialaugment", "randaugment"],
+        help="per-image policy (in-memory datasets)",
+    )
+    o.add_argument("--rand-augment-ops", type=int, metavar="N", help="randaugment: ops per image")
+    o.add_argument("--rand-augment-magnitude", type=int, metavar="M", help="randaugment: bin 0..30")
+    o.add_argument(
+        "--random-erasing", type=float, metavar="P", help="probability of erasing a box per image"
+    )
+
+
 def table_names() -> str:
     """The paper tables ``reproduce`` and ``report`` know (the specs' names; no torch import)."""
     from ..experiments.spec import list_tables
@@ -151,6 +176,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="autocast of the forward pass: auto (default: bf16 where the CPU has bf16 "
         "instructions, else fp32), fp32, bf16, fp16 (CUDA only)",
     )
+    t.add_argument(
+        "--log",
+        action="extend",
+        nargs="+",
+        metavar="NAME",
+        help="also log every epoch to: tensorboard (RUN_DIR/tensorboard; needs "
+        "pip install 'attnzoo[tensorboard]')",
+    )
+    t.add_argument(
+        "--log-figures-every",
+        type=int,
+        metavar="N",
+        help="--log tensorboard: Grad-CAM and attention-map figures every N epochs and at the "
+        "end (default 10; 0: none)",
+    )
+    add_training_option_flags(t)
     t.add_argument(
         "--set",
         action="append",
@@ -292,6 +333,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--cam-class", default="true", help="class Grad-CAM explains: true (default) or predicted"
     )
     vz.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+
+    ex = sub.add_parser(
+        "export",
+        help="write a finished run as a Hugging Face Hub model directory (weights, config, card)",
+    )
+    ex.add_argument("run_dir", metavar="RUN_DIR", help="a finished run directory")
+    ex.add_argument(
+        "out_dir",
+        metavar="OUT_DIR",
+        help="new directory: model.safetensors, config.json and README.md (docs/pretrained.md)",
+    )
+    ex.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
 
     ls = sub.add_parser("list", help="list models, attentions, datasets and recipes")
     ls.add_argument(

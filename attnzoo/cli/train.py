@@ -46,6 +46,21 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 RESUME_OPTIONS = {"command", "resume", "progress", "nproc"}  # all else comes from the run
+# The modern training options (docs/training.md): each flag sets the config key of its name.
+TRAINING_OPTIONS = (
+    "optimizer",
+    "betas",
+    "label_smoothing",
+    "mixup_alpha",
+    "cutmix_alpha",
+    "mix_prob",
+    "mix_switch_prob",
+    "ema_decay",
+    "auto_augment",
+    "rand_augment_ops",
+    "rand_augment_magnitude",
+    "random_erasing",
+)
 
 
 def train_config(args: argparse.Namespace, notes: list[str] | None = None):
@@ -84,6 +99,9 @@ def train_config(args: argparse.Namespace, notes: list[str] | None = None):
         milestones=args.milestones,
         gamma=args.gamma,
         warmup_epochs=args.warmup_epochs,
+        log=args.log,
+        log_figures_every=args.log_figures_every,
+        **{name: getattr(args, name) for name in TRAINING_OPTIONS},
     )
     overrides = parse_overrides(args.overrides)
     if "recipe" in overrides:

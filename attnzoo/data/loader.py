@@ -15,6 +15,10 @@ the same generator, so every process draws the same order and the same augmentat
 whole global batch of ``batch_size``; each then keeps its contiguous slice. The generators
 stay in lockstep, every sample is seen once per epoch by exactly one process, and the
 samples and their augmentation are those of a single-process run with the same seed.
+
+Per-sample policies (``augment.py``: TrivialAugment / RandAugment on the uint8 batch after
+the crop and flip, random erasing after normalising) are set with ``set_augment``; their
+choices come from the same generator, after the crop and flip draws of each batch.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .augment import SampleAugment
 from .base import SplitLoader
 
 
@@ -67,6 +72,13 @@ class InMemoryLoader(SplitLoader):
         self._order: torch.Tensor | None = None
         self._position = 0
         self._resume_at: tuple[torch.Tensor, int] | None = None
+        self.augment: SampleAugment | None = None
+
+    def set_augment(self, augment: SampleAugment | None) -> None:
+        """Per-sample augmentation of the training batches (None: crop and flip only)."""
+        if augment is not None and not self.train:
+            raise ValueError("per-sample augmentation is for the training loader only")
+        self.augment = augment
 
     def _draw_augmentation(self, n: int) -> tuple[torch.Tensor, ...] | None:
         """Crop offsets (dy, dx) and flip flags for ``n`` images, or None without augmentation."""
@@ -113,17 +125,25 @@ class InMemoryLoader(SplitLoader):
             self._position = 0
         self._order = order
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        h, w = self.images.shape[-2:]
         for i in range(self._position, len(self)):
             idx = order[i * self.batch_size : (i + 1) * self.batch_size]
             draws = self._draw_augmentation(len(idx))
+            extra = None
+            if self.augment is not None:
+                extra = self.augment.draw(len(idx), h, w, self.generator)
             if self.world_size > 1:
                 part = self._shard(len(idx))
                 idx = idx[part]
                 draws = None if draws is None else tuple(d if d is None else d[part] for d in draws)
+                extra = None if extra is None else extra.select(part)
             x = self._augment(self.images[idx], draws)
-            x = torch.addcmul(self.shift, x.float(), self.scale).contiguous(
-                memory_format=memory_format
-            )
+            if extra is not None:
+                x = self.augment.apply_policy(x, extra)
+            x = torch.addcmul(self.shift, x.float(), self.scale)
+            if extra is not None:
+                x = self.augment.apply_erasing(x, extra)
+            x = x.contiguous(memory_format=memory_format)
             self._position = i + 1
             if self._position == len(self):
                 self._order, self._position = None, 0  # epoch done: the next one reshuffles

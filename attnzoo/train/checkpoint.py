@@ -5,6 +5,7 @@ A run directory holds
     metrics.jsonl     one JSON line per finished epoch
     summary.json      final and best test error, params, wall time
     model.safetensors the weights after the last finished epoch (what ``eval`` loads)
+    model_ema.safetensors  with ``ema_decay``: the weight EMA after that epoch (same keys)
     checkpoint.pt     everything needed to resume exactly: model, optimizer, epoch, step, RNG
                       states, the loader's position inside the epoch and the epoch's running
                       sums (written at epoch ends, every ``checkpoint_every_steps`` steps and

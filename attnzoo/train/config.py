@@ -14,6 +14,14 @@ The fast training path, per device (``fastpath.DEVICE_CHOICES``):
 ``compile`` is ``"auto"``, ``true`` or ``false`` (CLI ``--compile auto|on|off``), ``precision``
 ``"auto"``, ``"fp32"``, ``"bf16"`` or ``"fp16"`` (CUDA only); the run's checkpoints record what
 ``auto`` chose for each, and ``--resume`` keeps those choices.
+
+Modern training options (docs/training.md has the details; each default is off and keeps
+the papers' recipes byte-for-byte): ``optimizer`` (``sgd`` | ``adamw``, ``betas``),
+``label_smoothing``, ``mixup_alpha`` / ``cutmix_alpha`` / ``mix_prob`` /
+``mix_switch_prob`` (torchvision's batched MixUp / CutMix), ``ema_decay`` (a weight EMA
+evaluated beside the raw weights), ``auto_augment`` (``trivialaugment`` | ``randaugment``,
+``rand_augment_ops``, ``rand_augment_magnitude``) and ``random_erasing``. The recipe
+``modern_cifar`` uses them.
 """
 
 from __future__ import annotations
@@ -75,14 +83,48 @@ class TrainConfig:
     # Autocast of the forward pass: "auto" (bf16 where the CPU has bf16 instructions, else
     # fp32; fastpath.decide_precision), "fp32", "bf16" or "fp16" (CUDA only).
     precision: str = "auto"
+    # Loggers that show each epoch's metrics.jsonl row elsewhere (loggers.LOGGERS), e.g.
+    # ["tensorboard"]; and for tensorboard, figures every N epochs and at the end (0: none).
+    log: list = field(default_factory=list)
+    log_figures_every: int = 10
+
+    # Modern training options (docs/training.md; every default keeps the papers' recipes).
+    # optim.py: "sgd" or "adamw" (betas; no weight decay on BN/biases with adamw).
+    optimizer: str = "sgd"
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    # CrossEntropyLoss's label_smoothing, in [0, 1).
+    label_smoothing: float = 0.0
+    # mixing.py: Beta alphas of mixup / CutMix (0 = off), the probability a batch is mixed,
+    # and with both on the probability of CutMix rather than mixup.
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    mix_prob: float = 1.0
+    mix_switch_prob: float = 0.5
+    # ema.py: decay of a weight EMA evaluated beside the raw weights (0 = none).
+    ema_decay: float = 0.0
+    # data/augment.py (in-memory datasets): a per-image policy, "none", "trivialaugment" or
+    # "randaugment" (with rand_augment_ops ops at magnitude bin rand_augment_magnitude of
+    # 31), and the probability of random erasing per image.
+    auto_augment: str = "none"
+    rand_augment_ops: int = 2
+    rand_augment_magnitude: int = 9
+    random_erasing: float = 0.0
 
     def validate(self) -> TrainConfig:
         from ..data.datasets import check_dataset
         from ..registry import check_attention, list_models
         from .fastpath import check_compile, check_precision
+        from .loggers import check_log
 
         check_compile(self.compile)
         check_precision(self.precision)
+        check_training_options(self)
+        self.log = check_log(self.log)  # a single name becomes a one-item list
+        every = self.log_figures_every
+        if not isinstance(every, int) or isinstance(every, bool) or every < 0:
+            raise ValueError(
+                f"log_figures_every must be an int >= 0 (0: no figures), got {every!r}"
+            )
 
         for name in ("model", "dataset", "recipe", "schedule"):
             if not isinstance(getattr(self, name), str):
@@ -173,6 +215,28 @@ class TrainConfig:
                 f"unknown config key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(names))}"
             )
         return cls(**values)
+
+
+def check_training_options(cfg: TrainConfig) -> None:
+    """The modern training options: each module checks its own settings."""
+    from ..data.augment import check_augment
+    from .ema import check_ema
+    from .mixing import check_mixing
+    from .optim import check_optimizer
+
+    check_optimizer(cfg.optimizer, cfg.betas)
+    smoothing = cfg.label_smoothing
+    if (
+        not isinstance(smoothing, (int, float))
+        or isinstance(smoothing, bool)
+        or not 0 <= smoothing < 1
+    ):
+        raise ValueError(f"label_smoothing must be in [0, 1), e.g. 0.1; got {smoothing!r}")
+    check_mixing(cfg.mixup_alpha, cfg.cutmix_alpha, cfg.mix_prob, cfg.mix_switch_prob)
+    check_ema(cfg.ema_decay)
+    check_augment(
+        cfg.auto_augment, cfg.rand_augment_ops, cfg.rand_augment_magnitude, cfg.random_erasing
+    )
 
 
 def _positive_int(name: str, value: Any) -> None:

@@ -38,6 +38,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..data import Dataset, Loader, LoaderSettings, load_dataset
+from ..data.augment import attach_augment, build_augment
 from ..data.folder import default_workers
 from ..registry import create_model
 from ..utils.io import (
@@ -77,6 +78,7 @@ from .distributed import (
     sum_values,
     wrap,
 )
+from .ema import build_ema
 from .fastpath import (
     MIN_COMPILED_STEPS,
     autocast,
@@ -87,10 +89,20 @@ from .fastpath import (
     estimated_step_seconds,
     macs_per_image,
 )
+from .loggers import RunLoggers, require_loggers
 from .loss import main_logits, training_loss
+from .mixing import build_mixing
+from .optim import build_optimizer
 from .schedule import learning_rate
 
-RUN_FILES = ["config.yaml", "metrics.jsonl", "summary.json", "model.safetensors", "checkpoint.pt"]
+RUN_FILES = [
+    "config.yaml",
+    "metrics.jsonl",
+    "summary.json",
+    "model.safetensors",
+    "model_ema.safetensors",  # with ema_decay
+    "checkpoint.pt",
+]
 LOCK_FILE = "run.lock"
 
 
@@ -155,7 +167,12 @@ def make_loaders(
         workers=default_workers() if cfg.workers is None else cfg.workers,
         image_size=cfg.image_size,
     )
-    return data.make_loaders(settings)
+    train_loader, test_loader = data.make_loaders(settings)
+    augment = build_augment(
+        cfg.auto_augment, cfg.rand_augment_ops, cfg.rand_augment_magnitude, cfg.random_erasing
+    )
+    attach_augment(train_loader, augment, cfg.dataset)
+    return train_loader, test_loader
 
 
 @torch.no_grad()
@@ -342,13 +359,25 @@ class Trainer:
                 f"{self.train_loader.num_samples} training images are too few for "
                 f"{ctx.world_size} process(es)"
             )
-        self.optimizer = torch.optim.SGD(
-            self.model.parameters(),
-            lr=cfg.lr,
-            momentum=cfg.momentum,
-            nesterov=cfg.nesterov and cfg.momentum > 0,
-            weight_decay=cfg.weight_decay,
+        self.optimizer = build_optimizer(
+            self.model,
+            cfg.optimizer,
+            cfg.lr,
+            cfg.momentum,
+            cfg.nesterov,
+            cfg.weight_decay,
+            cfg.betas,
         )
+        # Modern options (docs/training.md): all None / {} with the papers' recipes.
+        self.mixing = build_mixing(
+            self.data.num_classes,
+            cfg.mixup_alpha,
+            cfg.cutmix_alpha,
+            cfg.mix_prob,
+            cfg.mix_switch_prob,
+        )
+        self.loss_kwargs = {"label_smoothing": cfg.label_smoothing} if cfg.label_smoothing else {}
+        self.ema = build_ema(self.model, cfg.ema_decay)
         self.eager_model = wrap(self.model, ctx, cfg.sync_bn)  # DDP around it, or itself
         self.compiled, self.compile_reason = self._resolve_compile()
         self.precision, self.precision_reason = decide_precision(cfg.precision)
@@ -360,6 +389,7 @@ class Trainer:
         self.metrics: list[dict[str, Any]] = []
         self.wall_time = 0.0
         self.saved: tuple[int, int] | None = None  # (epoch, step) of the last checkpoint
+        self.loggers = RunLoggers(cfg, self.out, self.data, ctx)  # --log; none off rank 0
 
     def _resolve_compile(self) -> tuple[bool, str]:
         """``compile`` as true/false (fastpath.py has the rule for auto; every rank computes the
@@ -388,12 +418,15 @@ class Trainer:
             "progress": None if progress is None else progress.state(),
             "compiled": self.compiled,
             "precision": self.precision,
+            **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
+            if self.ema is not None:
+                self.ema.load_state_dict(state["ema"])
             self.epoch, self.step = int(state["epoch"]), int(state["step"])
             if self.epoch < 0 or self.step < 0:
                 raise ValueError(f"epoch {self.epoch}, step {self.step}")
@@ -450,6 +483,11 @@ class Trainer:
             meta = weights_metadata(epoch=self.epoch, precision=self.precision)
             path = self.out / "model.safetensors"
             self.write_file(path.name, lambda: save_weights(path, self.model, meta))
+            if self.ema is not None:
+                ema_path = self.out / "model_ema.safetensors"
+                self.write_file(
+                    ema_path.name, lambda: save_weights(ema_path, self.ema.module, meta)
+                )
             self.write_file("metrics.jsonl", lambda: write_metrics(self.out, self.metrics))
             self._write_checkpoint(None)
 
@@ -510,13 +548,16 @@ class Trainer:
         for i in range(progress.steps_done, steps):
             t0 = time.perf_counter()
             x, y = next(it)
+            target = y  # class indices; mixed batches: class probabilities (mixing.py)
+            if self.mixing is not None:
+                x, target = self.mixing(x, y)
             progress.loader_time += time.perf_counter() - t0
             lr = learning_rate(cfg, self.epoch + i / steps)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             with autocast(self.precision):
                 output = model(x)
-                loss = training_loss(output, y)
+                loss = training_loss(output, target, **self.loss_kwargs)
             logits = main_logits(output)
             finite = bool(torch.isfinite(loss))
             any_bad, stop_signal = max_of(ctx, not finite, _requested(stop))
@@ -536,6 +577,8 @@ class Trainer:
             else:
                 loss.backward()
             self.optimizer.step()
+            if self.ema is not None:
+                self.ema.update_parameters(self.model)
             self.step += 1
             progress.loss_sum += loss.detach() * y.numel()
             progress.correct += (logits.detach().argmax(1) == y).sum()
@@ -589,10 +632,14 @@ class Trainer:
             t0 = time.perf_counter() - (self.progress.train_time if self.progress else 0.0)
             row = {"epoch": self.epoch + 1, **self.train_epoch(stop)}
             row.update(evaluate(self.model, self.test_loader, ctx, self.precision))
+            if self.ema is not None:
+                ema_row = evaluate(self.ema.module, self.test_loader, ctx, self.precision)
+                row.update({f"{k}_ema": v for k, v in ema_row.items()})
             row["epoch_time"] = time.perf_counter() - t0
             self.wall_time += row["epoch_time"]
             self.epoch += 1
             self.metrics.append(row)
+            self.loggers.epoch_end(row, self.model, log)  # before the save: see loggers.py
             self.save()
             log(
                 f"epoch {row['epoch']}/{cfg.epochs}  loss {row['train_loss']:.4f}  "
@@ -621,6 +668,14 @@ class Trainer:
             "final_top5_err": last["test_top5_err"],
             "best_top1_err": best["test_top1_err"],
             "best_epoch": best["epoch"],
+            **(
+                {
+                    "final_top1_err_ema": last["test_top1_err_ema"],
+                    "best_top1_err_ema": min(r["test_top1_err_ema"] for r in self.metrics),
+                }
+                if self.ema is not None
+                else {}
+            ),
             "precision": self.precision,
             "compiled": self.compiled,
             "machine": machine_info(),
@@ -717,6 +772,7 @@ def train(
     """Train ``cfg`` into run directory ``out`` (which must not hold another run)."""
     out = Path(out)
     cfg.validate()
+    require_loggers(cfg.log)  # a missing package fails here, before any training
     ctx = ctx or from_env()
     log = log if ctx.is_main else quiet
     with claimed_run_dir(out, ctx, fresh=True):
@@ -736,7 +792,7 @@ def train(
         log(f"precision {trainer.precision} ({trainer.precision_reason})")
         if trainer.compiled:
             log(f"torch.compile ({trainer.compile_reason}); the first steps compile")
-        with GracefulStop() as stop:
+        with GracefulStop() as stop, trainer.loggers:
             return trainer.fit(log, stop)
 
 
@@ -762,6 +818,7 @@ def resume(
     if threads is not None:
         cfg.threads = threads
         cfg.validate()
+    require_loggers(cfg.log)
     ctx = ctx or from_env()
     log = log if ctx.is_main else quiet
     with claimed_run_dir(run_dir, ctx, fresh=False):
@@ -784,7 +841,7 @@ def resume(
             summary = trainer.summary()
             trainer.write_json("summary.json", summary)
             return summary
-        with GracefulStop() as stop:
+        with GracefulStop() as stop, trainer.loggers:
             return trainer.fit(log, stop)
 
 
