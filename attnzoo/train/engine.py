@@ -15,19 +15,20 @@ Reliability (docs/reliability.md has the user's view):
   is replaced atomically, so the previous checkpoint survives.
 - Data parallel (``distributed.py``): every process runs this loop on its share of each
   batch; decisions are taken together, only rank 0 writes.
+
+Beside it: ``progress.py`` (RNG state, the epoch's progress, graceful stop), ``rundir.py``
+(the run directory's lock and checks), ``checkpoint.py`` (the files), ``fastpath.py``
+(device and precision policy), ``optim.py``, ``mixing.py``, ``ema.py``, ``loss.py``,
+``schedule.py`` and ``loggers.py``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
-import signal
-import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,13 +43,9 @@ from ..data.augment import attach_augment, build_augment
 from ..data.folder import default_workers
 from ..registry import create_model
 from ..utils.io import (
-    DirectoryLock,
-    LockedError,
     atomic_write_json,
     atomic_write_yaml,
-    check_writable,
     describe_os_error,
-    remove_temp_files,
 )
 from ..utils.machine import machine_info
 from ..utils.text import plural
@@ -74,7 +71,6 @@ from .distributed import (
     max_of,
     on_main,
     signal_name,
-    sum_tensor_,
     sum_values,
     wrap,
 )
@@ -93,17 +89,9 @@ from .loggers import RunLoggers, require_loggers
 from .loss import main_logits, training_loss
 from .mixing import build_mixing
 from .optim import build_optimizer
+from .progress import EpochProgress, GracefulStop, requested, rng_state, set_rng_state
+from .rundir import claimed_run_dir
 from .schedule import learning_rate
-
-RUN_FILES = [
-    "config.yaml",
-    "metrics.jsonl",
-    "summary.json",
-    "model.safetensors",
-    "model_ema.safetensors",  # with ema_decay
-    "checkpoint.pt",
-]
-LOCK_FILE = "run.lock"
 
 
 class Interrupted(Exception):
@@ -205,125 +193,6 @@ def evaluate(
     }
 
 
-def _rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": _numpy_state()}
-
-
-def _numpy_state() -> dict[str, Any]:
-    _, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {
-        "keys": torch.from_numpy(keys.astype(np.int64)),
-        "pos": int(pos),
-        "has_gauss": int(has_gauss),
-        "gauss": float(gauss),
-    }
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(_tuplify(state["python"]))
-    n = state["numpy"]
-    np.random.set_state(
-        ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"])
-    )
-
-
-def _tuplify(x: Any) -> Any:
-    return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x
-
-
-@dataclass
-class EpochProgress:
-    """How far the current epoch got: what a mid-epoch checkpoint must carry for the epoch's
-    metrics row to come out exactly as in an uninterrupted run."""
-
-    steps_done: int = 0
-    loss_sum: torch.Tensor | None = None  # sum of per-batch loss * batch size (float32)
-    correct: torch.Tensor | None = None  # int64
-    seen: int = 0
-    loader_time: float = 0.0
-    train_time: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.loss_sum is None:
-            self.loss_sum = torch.zeros(())
-        if self.correct is None:
-            self.correct = torch.zeros((), dtype=torch.long)
-
-    def state(self) -> dict[str, Any]:
-        return {
-            "steps_done": self.steps_done,
-            "loss_sum": self.loss_sum.clone(),
-            "correct": self.correct.clone(),
-            "seen": self.seen,
-            "loader_time": self.loader_time,
-            "train_time": self.train_time,
-        }
-
-    @classmethod
-    def from_state(cls, state: dict[str, Any], steps: int) -> EpochProgress:
-        progress = cls(
-            steps_done=int(state["steps_done"]),
-            loss_sum=state["loss_sum"].to(torch.float32).reshape(()).clone(),
-            correct=state["correct"].to(torch.long).reshape(()).clone(),
-            seen=int(state["seen"]),
-            loader_time=float(state["loader_time"]),
-            train_time=float(state["train_time"]),
-        )
-        if not 0 < progress.steps_done < steps or progress.seen < 1:
-            raise ValueError(f"epoch progress {progress.steps_done}/{steps} steps is impossible")
-        return progress
-
-    def gather_on_main(self, ctx: DistContext) -> None:
-        """Move the sums of all processes into rank 0's (a checkpoint holds global sums)."""
-        if not ctx.active:
-            return
-        sum_tensor_(ctx, self.loss_sum)
-        sum_tensor_(ctx, self.correct)
-        (seen,) = sum_values(ctx, [self.seen])
-        self.seen = int(seen)
-        if not ctx.is_main:
-            self.loss_sum.zero_()
-            self.correct.zero_()
-            self.seen = 0
-
-
-def _requested(stop: GracefulStop | None) -> int:
-    """The signal number a stop was requested with, or 0."""
-    return (stop.signum or 0) if stop is not None else 0
-
-
-class GracefulStop:
-    """While entered, SIGINT and SIGTERM only record a request to stop.
-
-    The loop checks ``signum`` at consistent points and stops there with a checkpoint, so a
-    signal never leaves a half-done step. Signals after the first are ignored (torchrun
-    forwards the terminal's SIGINT a second time); SIGKILL remains the way to stop at once.
-    Outside the main thread (where handlers cannot be set) it does nothing.
-    """
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.signum is None:
-            self.signum = signum
-
-    def __enter__(self) -> GracefulStop:
-        if threading.current_thread() is threading.main_thread():
-            for s in self.SIGNALS:
-                self._previous[s] = signal.signal(s, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
-        self._previous.clear()
-
-
 class Trainer:
     """One training run in one run directory (this process's part of it, if distributed)."""
 
@@ -413,7 +282,7 @@ class Trainer:
             "epoch": self.epoch,
             "step": self.step,
             "wall_time": self.wall_time,
-            "rng": _rng_state(),
+            "rng": rng_state(),
             "loader": self.train_loader.state_dict(),
             "progress": None if progress is None else progress.state(),
             "compiled": self.compiled,
@@ -431,7 +300,7 @@ class Trainer:
             if self.epoch < 0 or self.step < 0:
                 raise ValueError(f"epoch {self.epoch}, step {self.step}")
             self.wall_time = float(state.get("wall_time", 0.0))
-            _set_rng_state(state["rng"])
+            set_rng_state(state["rng"])
             if "loader" in state:
                 self.train_loader.load_state_dict(state["loader"])
             else:  # written before mid-epoch checkpoints existed: always at an epoch's end
@@ -560,7 +429,7 @@ class Trainer:
                 loss = training_loss(output, target, **self.loss_kwargs)
             logits = main_logits(output)
             finite = bool(torch.isfinite(loss))
-            any_bad, stop_signal = max_of(ctx, not finite, _requested(stop))
+            any_bad, stop_signal = max_of(ctx, not finite, requested(stop))
             if any_bad:
                 what = (
                     f"loss is {loss.item()}"
@@ -647,7 +516,7 @@ class Trainer:
                 f"(top-5 {row['test_top5_err']:.2f}%)  lr {row['lr']:.4g}  "
                 f"{row['epoch_time']:.1f}s  {row['images_per_s']:.0f} img/s"
             )
-            (stop_signal,) = max_of(ctx, _requested(stop))
+            (stop_signal,) = max_of(ctx, requested(stop))
             if stop_signal and self.epoch < cfg.epochs:
                 raise self.interrupted(stop_signal, mid_epoch=False)
         summary = self.summary()
@@ -683,84 +552,6 @@ class Trainer:
             "loader_share": sum(r["loader_time"] for r in self.metrics)
             / max(sum(r["train_time"] for r in self.metrics), 1e-9),
         }
-
-
-def _check_fresh(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise RunError(f"--out {out} exists and is not a directory")
-    # A run counts once it has a checkpoint; a run that died in its first epoch (config.yaml
-    # only) is simply started again.
-    if out.is_dir() and (out / "checkpoint.pt").exists():
-        raise RunError(
-            f"{out} already holds a run; continue it with --resume {out} or choose another --out"
-        )
-
-
-def _make_dirs(path: Path) -> list[Path]:
-    """``mkdir -p path``; returns the directories it created, deepest last."""
-    missing = []
-    while not path.exists():
-        missing.append(path)
-        path = path.parent
-    for d in reversed(missing):
-        d.mkdir(exist_ok=True)
-    return list(reversed(missing))
-
-
-@contextlib.contextmanager
-def claimed_run_dir(out: Path, ctx: DistContext, fresh: bool) -> Iterator[None]:
-    """Hold ``out/run.lock`` while training in ``out`` (rank 0 only; the others write nothing).
-
-    Checks, before any training: ``out`` is (or can become) a writable directory; no live
-    process holds its lock (a lock left by a dead process is free: the kernel dropped it);
-    for a fresh run, it holds no other run. Clears temp files a killed writer left. On the
-    way out the lock file goes, and so do directories made here if nothing was written.
-    """
-    lock = DirectoryLock(out / LOCK_FILE)
-    created: list[Path] = []
-
-    def claim() -> None:
-        try:
-            if out.exists() and not out.is_dir():
-                raise RunError(f"--out {out} exists and is not a directory")
-            check_writable(out)
-            created.extend(_make_dirs(out))
-            lock.acquire()
-        except LockedError as e:
-            raise RunError(
-                f"{out} is in use by {e.holder}, which holds {lock.path}; wait for it to "
-                f"finish or stop it first"
-            ) from None
-        except OSError as e:
-            _remove_empty(created)
-            raise RunError(
-                f"cannot write to {out}: {describe_os_error(e)}; choose another --out or make "
-                f"it writable"
-            ) from e
-        try:
-            if fresh:
-                _check_fresh(out)
-            remove_temp_files(out, RUN_FILES)
-        except BaseException:
-            lock.release()
-            _remove_empty(created)
-            raise
-
-    on_main(ctx, claim)
-    try:
-        yield
-    finally:
-        if ctx.is_main:
-            lock.release()
-            _remove_empty(created)
-
-
-def _remove_empty(dirs: list[Path]) -> None:
-    for d in reversed(dirs):
-        try:
-            d.rmdir()  # only succeeds if empty: a failed start leaves nothing behind
-        except OSError:
-            return
 
 
 def train(
