@@ -150,16 +150,18 @@ def launch_train(args: argparse.Namespace) -> int:
 
     from ..train import distributed
     from ..train.engine import claimed_run_dir, load_run_config
+    from ..train.loggers import require_loggers
 
     if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
         raise ValueError("--nproc cannot be used inside a distributed launch (torchrun)")
     if args.resume is not None:
         check_resume_args(args)
-        load_run_config(args.resume)
+        require_loggers(load_run_config(args.resume).log)
         with claimed_run_dir(Path(args.resume), distributed.SINGLE, fresh=False):
             pass  # not in use by a live process, writable
     else:
         cfg, out = train_config(args)
+        require_loggers(cfg.log)  # once here, not once per worker
         if cfg.batch_size % args.nproc:
             raise ValueError(
                 f"batch_size {cfg.batch_size} is the global batch and must divide evenly among "

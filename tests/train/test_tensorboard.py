@@ -13,7 +13,7 @@ from run_helpers import TINY_CONFIG, rows, without_timing
 from attnzoo.cli import build_parser, main, train_config, worker_argv
 from attnzoo.cli.train import check_resume_args
 from attnzoo.data import load_dataset
-from attnzoo.train import RunError, engine, resolve_config, resume, train
+from attnzoo.train import RunError, distributed, engine, resolve_config, resume, train
 from attnzoo.train.distributed import DistContext
 from attnzoo.train.loggers import RunLoggers
 from attnzoo.train.tensorboard_log import LOG_DIR, TensorBoardLogger, scalar_tag
@@ -144,6 +144,14 @@ def test_missing_package_stops_before_training(tmp_path, monkeypatch, capsys):
     assert code == 2 and len(err.splitlines()) == 1
     assert "needs the tensorboard package" in err and "attnzoo[tensorboard]" in err
     assert not (tmp_path / "cli").exists()
+    # --nproc: one error from the launcher, no worker processes started.
+    launched = []
+    monkeypatch.setattr(distributed, "launch", lambda *a, **k: launched.append(a) or 0)
+    argv = ["train", "--dataset", "digits", "--log", "tensorboard", "--nproc", "2"]
+    code = main([*argv, "--out", str(tmp_path / "ddp")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "attnzoo[tensorboard]" in err
+    assert launched == [] and not (tmp_path / "ddp").exists()
 
 
 @pytest.mark.parametrize(
