@@ -23,12 +23,12 @@ def set_threads(threads: int | None) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     from ..train import evaluate_run
 
-    result = evaluate_run(args.run, args.data_dir)
+    result = evaluate_run(args.run, args.data_dir, ema=args.ema)
     if args.json:
         print(json.dumps(result, indent=2, sort_keys=True))
     else:
         print(
-            f"{args.run}: top-1 error {result['test_top1_err']:.2f}%, top-5 error "
+            f"{args.run}{' (EMA weights)' if args.ema else ''}: top-1 error {result['test_top1_err']:.2f}%, top-5 error "
             f"{result['test_top5_err']:.2f}% on {result['images']} test images "
             f"({result['params']:,} params)"
         )

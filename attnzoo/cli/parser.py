@@ -215,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--run", required=True, help="run directory")
     e.add_argument("--data-dir", help="data root, if not the one the run used")
     e.add_argument("--json", action="store_true", help="print JSON")
+    e.add_argument(
+        "--ema", action="store_true", help="the weight EMA's weights (runs with ema_decay)"
+    )
 
     pr = sub.add_parser(
         "profile",

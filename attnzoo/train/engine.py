@@ -515,6 +515,11 @@ class Trainer:
                 f"train acc {row['train_acc']:.2f}%  test err {row['test_top1_err']:.2f}% "
                 f"(top-5 {row['test_top5_err']:.2f}%)  lr {row['lr']:.4g}  "
                 f"{row['epoch_time']:.1f}s  {row['images_per_s']:.0f} img/s"
+                + (
+                    f"  EMA test err {row['test_top1_err_ema']:.2f}%"
+                    if self.ema is not None
+                    else ""
+                )
             )
             (stop_signal,) = max_of(ctx, requested(stop))
             if stop_signal and self.epoch < cfg.epochs:
@@ -636,16 +641,25 @@ def resume(
             return trainer.fit(log, stop)
 
 
-def evaluate_run(run_dir: str | os.PathLike, data_dir: str | None = None) -> dict[str, Any]:
-    """Re-evaluate the saved weights of a run on its test set."""
+def evaluate_run(
+    run_dir: str | os.PathLike, data_dir: str | None = None, ema: bool = False
+) -> dict[str, Any]:
+    """Re-evaluate the saved weights of a run on its test set (``ema``: the weight EMA's,
+    model_ema.safetensors, which runs with ``ema_decay`` write)."""
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
+    weights = run_dir / ("model_ema.safetensors" if ema else "model.safetensors")
+    if ema and not weights.exists():
+        raise RunError(
+            f"{run_dir} has no {weights.name}: the run was trained without a weight EMA "
+            f"(ema_decay {cfg.ema_decay}); evaluate it without --ema"
+        )
     if data_dir:
         cfg.data_dir = data_dir
     torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
     data = load_data(cfg)
     model = build_model(cfg, data.num_classes)
-    metadata = read_weights_metadata(load_weights(run_dir / "model.safetensors", model))
+    metadata = read_weights_metadata(load_weights(weights, model))
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     _, test = make_loaders(cfg, data)

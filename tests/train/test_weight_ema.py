@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from option_helpers import tiny_trainer
+from option_helpers import tiny_config, tiny_trainer
 from safetensors.torch import load_file
 
 from attnzoo.train.ema import build_ema
@@ -57,3 +57,19 @@ def test_ema_is_evaluated_beside_the_raw_weights_and_saved(tmp_path):
 def test_bad_decay_is_refused(decay):
     with pytest.raises(ValueError, match=r"ema_decay must be in \[0, 1\)"):
         build_ema(torch.nn.Linear(2, 2), decay)
+
+
+def test_eval_reads_the_ema_weights(tmp_path, capsys):
+    from attnzoo.cli import main
+    from attnzoo.train import RunError, evaluate_run, train
+
+    run = tmp_path / "ema"
+    summary = train(tiny_config(ema_decay=0.9), run, log=lambda message: None)
+    assert evaluate_run(run, ema=True)["test_top1_err"] == summary["final_top1_err_ema"]
+    assert evaluate_run(run)["test_top1_err"] == summary["final_top1_err"]
+    assert main(["eval", "--run", str(run), "--ema"]) == 0
+    assert "(EMA weights)" in capsys.readouterr().out
+    plain = tmp_path / "plain"
+    train(tiny_config(), plain, log=lambda message: None)
+    with pytest.raises(RunError, match="without a weight EMA.*without --ema"):
+        evaluate_run(plain, ema=True)
