@@ -12,7 +12,8 @@ nonlocal):
 - ``"block"``: in every recognised block, on the output of the BN that ends its residual
   branch, before the addition with the shortcut (``bn2`` of a BasicBlock, ``bn3`` of a
   Bottleneck, the projection BN ``conv[-1]`` of an InvertedResidual, also where it has no
-  addition). That BN is replaced by a ``BatchNormAttention``: a ``BatchNorm2d`` holding the
+  addition). That BN is replaced by a ``BatchNormAttention`` (``FrozenBatchNormAttention``
+  for the FrozenBatchNorm2d of torchvision's detection backbones): a ``BatchNorm2d`` holding the
   *same* parameter and buffer objects under the same keys, followed by its child
   ``attention`` (keys ``layer1.0.bn3.attention.*``). In a timm block it runs before the
   block's own ``se`` if it has one.
@@ -50,12 +51,20 @@ from typing import Any
 
 import torch
 from torch import nn
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 from .attention.identity_init import check_attention_init, identity_init
 from .models.backbone import PLACEMENTS, Backbone
 from .registry import attention_class, attention_level, create_attention, default_placement
 
-__all__ = ["BatchNormAttention", "GraftSite", "graft", "register_block", "supported_blocks"]
+__all__ = [
+    "BatchNormAttention",
+    "FrozenBatchNormAttention",
+    "GraftSite",
+    "graft",
+    "register_block",
+    "supported_blocks",
+]
 
 _BLOCKS: dict[type, str] = {}  # block class -> path of the BN that ends its residual branch
 _KNOWN_LOADED = False
@@ -125,6 +134,33 @@ class BatchNormAttention(nn.BatchNorm2d):
         return self.attention(super().forward(x))
 
 
+class FrozenBatchNormAttention(FrozenBatchNorm2d):
+    """A block's last FrozenBatchNorm2d (torchvision's detection backbones) followed by an
+    attention module (child ``attention``), sharing the original's buffers under the same
+    keys, as ``BatchNormAttention`` does for a BatchNorm2d."""
+
+    @classmethod
+    def from_batch_norm(
+        cls, bn: FrozenBatchNorm2d, attention: nn.Module
+    ) -> FrozenBatchNormAttention:
+        new = cls(bn.weight.numel(), eps=bn.eps)
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            setattr(new, name, getattr(bn, name))
+        new.attention = attention
+        return new.train(bn.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attention(super().forward(x))
+
+
+_NORMS = (nn.BatchNorm2d, FrozenBatchNorm2d)
+_GRAFTED = (BatchNormAttention, FrozenBatchNormAttention)
+
+
+def _norm_channels(bn: nn.Module) -> int:
+    return bn.weight.numel() if isinstance(bn, FrozenBatchNorm2d) else bn.num_features
+
+
 @dataclass(frozen=True)
 class GraftSite:
     """One inserted module: ``name`` is its state_dict prefix (``layer1.0.bn3.attention``),
@@ -173,9 +209,9 @@ def _downsamples(block: nn.Module) -> bool:
 
 def _out_channels(module: nn.Module) -> int:
     """Channels of a module's output: its last BN's, else its last conv's."""
-    norms = [m for m in module.modules() if isinstance(m, nn.BatchNorm2d)]
+    norms = [m for m in module.modules() if isinstance(m, _NORMS)]
     if norms:
-        return norms[-1].num_features
+        return _norm_channels(norms[-1])
     convs = [m for m in module.modules() if isinstance(m, nn.Conv2d)]
     if convs:
         return convs[-1].out_channels
@@ -230,7 +266,7 @@ def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 
 
 def _block_channels(block: nn.Module) -> int:
-    return _resolve(block, _block_norm_path(block))[2].num_features
+    return _norm_channels(_resolve(block, _block_norm_path(block))[2])
 
 
 def _plan(model: nn.Module, placement: str) -> list[tuple[str, int, Any]]:
@@ -242,17 +278,25 @@ def _plan(model: nn.Module, placement: str) -> list[tuple[str, int, Any]]:
         for _, block in blocks:
             parent, child, bn = _resolve(block, _block_norm_path(block))
             where = qualified[id(bn)]
-            if isinstance(bn, BatchNormAttention):
+            if isinstance(bn, _GRAFTED):
                 raise ValueError(f"{where} already has an attention: the model is grafted")
-            if not isinstance(bn, nn.BatchNorm2d):
+            if not isinstance(bn, _NORMS):
                 raise ValueError(
-                    f"graft attaches to a BatchNorm2d, but {where} is {type(bn).__name__}"
+                    f"graft attaches to a BatchNorm2d or FrozenBatchNorm2d, but {where} is "
+                    f"{type(bn).__name__}"
                 )
+            wrapper = (
+                FrozenBatchNormAttention
+                if isinstance(bn, FrozenBatchNorm2d)
+                else BatchNormAttention
+            )
 
-            def insert(module: nn.Module, parent=parent, child=child, bn=bn) -> None:
-                setattr(parent, child, BatchNormAttention.from_batch_norm(bn, module))
+            def insert(
+                module: nn.Module, parent=parent, child=child, bn=bn, wrapper=wrapper
+            ) -> None:
+                setattr(parent, child, wrapper.from_batch_norm(bn, module))
 
-            sites.append((f"{where}.attention", bn.num_features, insert))
+            sites.append((f"{where}.attention", _norm_channels(bn), insert))
         return sites
     if placement == "stage":
         after = [blocks[i] for i in range(len(blocks) - 1) if _downsamples(blocks[i + 1][1])]

@@ -264,3 +264,43 @@ def test_register_block() -> None:
 def test_identity_graft_of_a_class_without_identity_init() -> None:
     with pytest.raises(ValueError, match="'epsa' is conv-level"):
         attnzoo.graft(torchvision.models.resnet18(), "epsa", attention_init="identity")
+
+
+@pytest.mark.parametrize("placement", ["block", "stage"])
+def test_detection_backbone_with_frozen_batch_norm(placement):
+    """torchvision's detection backbones use FrozenBatchNorm2d: graft attaches there too, the
+    FPN features are unchanged with identity init, and the old state_dict loads."""
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    from attnzoo.graft import FrozenBatchNormAttention
+
+    torch.manual_seed(0)
+    backbone = resnet_fpn_backbone(
+        backbone_name="resnet18", weights=None, norm_layer=FrozenBatchNorm2d, trainable_layers=5
+    )
+    with torch.no_grad():
+        for m in backbone.modules():  # random "pretrained" statistics: not 1/0/0/1
+            if isinstance(m, FrozenBatchNorm2d):
+                m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.5, 0.5)
+                m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0)
+    original = copy.deepcopy(backbone).eval()
+    state = copy.deepcopy(backbone.state_dict())
+    attnzoo.graft(backbone.body, "cbam", placement=placement, attention_init="identity")
+    wrapped = [m for m in backbone.modules() if isinstance(m, FrozenBatchNormAttention)]
+    assert len(wrapped) == (8 if placement == "block" else 0)
+    assert len(backbone.body.graft_report) == (8 if placement == "block" else 3)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected, got = original(x), backbone.eval()(x)
+    assert expected.keys() == got.keys()
+    for key in expected:
+        scale = float(expected[key].abs().max())
+        assert float((got[key] - expected[key]).abs().max()) <= TOLERANCE * scale, key
+    missing, unexpected = backbone.load_state_dict(state, strict=False)
+    assert unexpected == [] and missing and all(".attention." in k for k in missing)
+    # the attention trains: gradients reach it through the frozen norms
+    backbone.train()
+    sum(v.sum() for v in backbone(x).values()).backward()
+    grads = [p.grad for n, p in backbone.named_parameters() if ".attention" in n]
+    assert grads and any(g is not None and bool(g.abs().sum() > 0) for g in grads)
