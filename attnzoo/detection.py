@@ -73,8 +73,7 @@ def resnet_names() -> list[str]:
     return [
         n
         for n in list_models()
-        if getattr(registry._lookup("model", n, registry._MODELS), "__module__", None)
-        == resnet_models.__name__
+        if getattr(registry.model_entrypoint(n), "__module__", None) == resnet_models.__name__
     ]
 
 

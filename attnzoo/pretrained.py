@@ -115,9 +115,9 @@ def _listed(keys: list[str]) -> str:
 
 
 def _builder_defaults(name: str) -> dict[str, Any]:
-    from .registry import _MODELS, _lookup
+    from .registry import model_entrypoint
 
-    params = inspect.signature(_lookup("model", name, _MODELS)).parameters
+    params = inspect.signature(model_entrypoint(name)).parameters
     return {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
 
 
@@ -415,9 +415,9 @@ def create_pretrained_model(
     ``PretrainedReport`` as ``model.pretrained_report``. ``create_kwargs`` are
     ``create_model``'s other arguments (attention, attention_kwargs, model options).
     ``num_classes=None``: the checkpoint's class count (else the model's default)."""
-    from .registry import _MODELS, NO_ATTENTION, _lookup, attention_level, create_model
+    from .registry import NO_ATTENTION, attention_level, create_model, model_entrypoint
 
-    _lookup("model", name, _MODELS)
+    model_entrypoint(name)  # an unknown name: ValueError listing the models
     named = set(inspect.signature(create_model).parameters)
     model_kwargs = {k: v for k, v in create_kwargs.items() if k not in named}
     weights = _read(pretrained, name, model_kwargs, progress)

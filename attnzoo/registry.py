@@ -86,6 +86,11 @@ def list_models() -> list[str]:
     return sorted(_MODELS)
 
 
+def model_entrypoint(name: str) -> Callable[..., nn.Module]:
+    """The function registered as model ``name`` (ValueError listing the models if none)."""
+    return _lookup("model", name, _MODELS)
+
+
 def _lookup(kind: str, name: str, table: dict) -> Callable:
     if not isinstance(name, str) or name not in table:
         raise ValueError(f"unknown {kind} {name!r}; choose one of: {', '.join(sorted(table))}")
