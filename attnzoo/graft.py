@@ -84,15 +84,12 @@ def _load_known_blocks() -> None:
     if _KNOWN_LOADED:
         return
     _KNOWN_LOADED = True
-    try:
-        from torchvision.models import mobilenetv2 as tv_mobilenet
-        from torchvision.models import resnet as tv_resnet
-    except ImportError:  # pragma: no cover - torchvision is optional
-        pass
-    else:
-        _BLOCKS.setdefault(tv_resnet.BasicBlock, "bn2")
-        _BLOCKS.setdefault(tv_resnet.Bottleneck, "bn3")
-        _BLOCKS.setdefault(tv_mobilenet.InvertedResidual, "conv.-1")
+    from torchvision.models import mobilenetv2 as tv_mobilenet  # a dependency, as ops.misc above
+    from torchvision.models import resnet as tv_resnet
+
+    _BLOCKS.setdefault(tv_resnet.BasicBlock, "bn2")
+    _BLOCKS.setdefault(tv_resnet.Bottleneck, "bn3")
+    _BLOCKS.setdefault(tv_mobilenet.InvertedResidual, "conv.-1")
     try:
         from timm.models import resnet as timm_resnet
     except ImportError:  # pragma: no cover - timm is optional
