@@ -195,7 +195,9 @@ def plan_runs(
         raise ValueError(
             f"unknown dataset {dataset!r}; choose one of: {', '.join(list_datasets())}"
         )
-    runs = []
+    # Seed-major order (every row at seed 0, then every row at seed 1, ...): a grid cut short
+    # leaves every row with the same number of seeds.
+    cells = []
     for slug, row in selected:
         name = dataset or row.dataset
         row = row.for_dataset(name)  # the row's own model/recipe for that dataset, if any
@@ -225,7 +227,12 @@ def plan_runs(
             warmup = warmup * run_epochs / recipe_epochs
         elif "warmup_epochs" not in row_settings:
             warmup = None  # the recipe's own
-        for seed in range(seeds):
+        cells.append(
+            (slug, row, recipe_name, row_settings, run_epochs, warmup, name, recipe_epochs)
+        )
+    runs = []
+    for seed in range(seeds):
+        for slug, row, recipe_name, row_settings, run_epochs, warmup, name, recipe_epochs in cells:
             settings = {k: v for k, v in row_settings.items() if k not in RUN_LENGTH_KEYS}
             cfg = resolve_config(
                 recipe_name,

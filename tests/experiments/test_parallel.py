@@ -41,6 +41,14 @@ def test_default_threads_divide_the_cores():
     assert default_threads(1) == cores and default_threads(10**6) == 1
 
 
+def test_the_plan_is_seed_major(tiny_table):
+    # Every row at seed 0 before any row at seed 1: a grid cut short keeps the rows level.
+    _, runs = plan_runs("tiny", out=tiny_table / "plan", **OPTIONS)
+    assert [f"{r.slug}/seed{r.seed}" for r in runs] == [
+        "resnet20/seed0", "resnet20-se/seed0", "resnet20/seed1", "resnet20-se/seed1",
+    ]  # fmt: skip
+
+
 def test_two_jobs_give_the_runs_one_job_gives(tiny_table):
     one, two = tiny_table / "one", tiny_table / "two"
     sequential = reproduce("tiny", out=one, log=lambda m: None, **OPTIONS)
