@@ -51,6 +51,8 @@ and 1.08x with triplet (``COMPILE_SAVING_BY_ATTENTION``).
 
 from __future__ import annotations
 
+import os
+import re
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
@@ -89,26 +91,119 @@ def cpu_prefers_bf16() -> bool:
     return has_bf16_instructions() and torch.backends.cpu.get_cpu_capability() == "AVX512"
 
 
-def decide_precision(setting: Any, device: str = "cpu") -> tuple[str, str]:
-    """Resolve ``precision`` ('auto', 'fp32', 'bf16', 'fp16') for a run: (precision, why)."""
+def _device_type(device: Any) -> str:
+    return torch.device(device).type if not isinstance(device, str) else device.split(":")[0]
+
+
+def decide_precision(setting: Any, device: Any = "cpu") -> tuple[str, str]:
+    """Resolve ``precision`` ('auto', 'fp32', 'bf16', 'fp16') for a run on ``device``:
+    (precision, why)."""
     check_precision(setting)
-    if device == "cpu" and setting == "fp16":
+    kind = _device_type(device)
+    if kind == "cpu" and setting == "fp16":
         raise ValueError(
             "precision fp16 needs a CUDA device (it trains with a gradient scaler); on the CPU "
             "use bf16 or fp32"
         )
     if setting != "auto":
         return setting, f"precision {setting}"
+    if kind == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return "bf16", "auto: bf16 autocast, which this GPU supports"
+        return "fp32", "auto: fp32, as this GPU has no bf16 (ask for fp16 to use a grad scaler)"
     if cpu_prefers_bf16():
         return "bf16", "auto: bf16 autocast, faster than fp32 on this CPU's bf16 instructions"
     return "fp32", "auto: fp32, as this CPU (or the forced ATen level) has no fast bf16"
 
 
-def autocast(precision: str, device: str = "cpu") -> AbstractContextManager:
+def autocast(precision: str, device: Any = "cpu") -> AbstractContextManager:
     """The forward pass's autocast context for a resolved precision (none for fp32)."""
     if precision == "fp32":
         return nullcontext()
-    return torch.autocast(device, dtype=AUTOCAST_DTYPES[precision])
+    return torch.autocast(_device_type(device), dtype=AUTOCAST_DTYPES[precision])
+
+
+def grad_scaler(precision: str, device: Any = "cpu") -> torch.amp.GradScaler | None:
+    """fp16 trains with a gradient scaler (its state goes into the checkpoint); bf16 and fp32
+    need none."""
+    if precision != "fp16":
+        return None
+    return torch.amp.GradScaler(_device_type(device))
+
+
+# ------------------------------------------------------------------ devices
+DEVICE_SETTINGS = "auto, cpu, cuda or cuda:N"
+_DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+def check_device(value: Any) -> None:
+    """``--device``: 'auto' (CUDA when available, else the CPU), 'cpu', 'cuda' or 'cuda:N'."""
+    if not isinstance(value, str) or not _DEVICE_RE.match(value):
+        raise ValueError(f"device must be {DEVICE_SETTINGS}, got {value!r}")
+
+
+def resolve_device(setting: Any = "auto") -> torch.device:
+    """The torch.device for a ``--device`` setting; a CUDA device that is not there is one
+    clear error naming what is."""
+    check_device(setting)
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(setting)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            built = torch.version.cuda
+            why = (
+                f"this torch {torch.__version__} is built with CUDA {built} but sees no GPU"
+                if built
+                else f"this torch {torch.__version__} is a CPU-only build"
+            )
+            raise ValueError(f"--device {setting}: no CUDA device ({why}); use --device cpu")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ValueError(
+                f"--device {setting}: this machine has {count} CUDA device(s), "
+                f"cuda:0..cuda:{count - 1}"
+            )
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def device_info(device: Any) -> dict[str, Any]:
+    """What a run directory records about the device: its name, the GPU, torch and CUDA."""
+    device = torch.device(device)
+    info: dict[str, Any] = {"device": str(device), "torch": torch.__version__}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(
+            gpu=props.name,
+            gpu_memory_gib=round(props.total_memory / 2**30, 1),
+            cuda=torch.version.cuda,
+            cudnn=torch.backends.cudnn.version(),
+        )
+    return info
+
+
+def configure_device(device: torch.device, deterministic: bool = False) -> str:
+    """The CUDA fast path's global switches for a run; returns a line for the log.
+
+    - cudnn.benchmark picks the fastest convolution algorithm for each shape (the shapes of a
+      training run repeat, so the search pays), unless ``deterministic``;
+    - ``deterministic`` asks torch and cuDNN for bitwise repeatable kernels, and cuBLAS for its
+      fixed workspace (``CUBLAS_WORKSPACE_CONFIG``), at some speed.
+
+    The CPU needs none of this: its runs are bitwise repeatable already."""
+    if device.type != "cuda":
+        return "cpu"
+    torch.cuda.set_device(device)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+        torch.use_deterministic_algorithms(True)
+        return f"{device} ({torch.cuda.get_device_name(device)}), deterministic kernels"
+    torch.backends.cudnn.benchmark = True
+    return f"{device} ({torch.cuda.get_device_name(device)}), cudnn.benchmark"
 
 
 def check_compile(value: Any) -> None:
