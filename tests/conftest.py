@@ -1,4 +1,6 @@
-"""Fixtures shared by the data, training and CLI tests: real CIFAR and tiny generated CIFAR."""
+"""Fixtures shared by the data, training and CLI tests: real CIFAR and tiny generated CIFAR,
+and ``device``, which runs a test on the CPU and, where CUDA is present, on the GPU (the
+CUDA cases carry the ``cuda`` marker: ``pytest -m cuda`` runs only them, on a GPU machine)."""
 
 from __future__ import annotations
 
@@ -98,3 +100,24 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+CUDA_AVAILABLE = torch.cuda.is_available()
+# The devices every device-parametrised test runs on. Without a GPU (CI) the CUDA case is
+# skipped at collection time, so the CPU suite costs the same as before.
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=[
+            pytest.mark.cuda,
+            pytest.mark.skipif(not CUDA_AVAILABLE, reason="needs a CUDA device"),
+        ],
+    ),
+]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> torch.device:
+    """``torch.device('cpu')``, then ``torch.device('cuda')`` where a GPU is present."""
+    return torch.device(request.param)
