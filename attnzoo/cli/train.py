@@ -17,7 +17,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
         if args.nproc > 1:
             return launch_train(args)
-    ctx = distributed.from_env()
+    ctx = distributed.from_env(args.device or device_of_run(args))
     try:
         summary = run_train(args, ctx)
     except Interrupted as e:
@@ -45,7 +45,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-RESUME_OPTIONS = {"command", "resume", "progress", "nproc"}  # all else comes from the run
+RESUME_OPTIONS = {"command", "resume", "progress", "nproc", "device"}  # else from the run
+
+
+def device_of_run(args: argparse.Namespace) -> str:
+    """The device setting of the run this command line starts or resumes (for the process
+    group's backend); 'auto' when it is not known here."""
+    if args.resume is None:
+        return "auto"
+    try:
+        from ..train.engine import load_run_config
+
+        return load_run_config(args.resume).device
+    except Exception:  # noqa: BLE001 - the resume itself reports a bad run directory
+        return "auto"
+
+
 # The modern training options (docs/training.md): each flag sets the config key of its name.
 TRAINING_OPTIONS = (
     "optimizer",
@@ -94,6 +109,8 @@ def train_config(args: argparse.Namespace, notes: list[str] | None = None):
         image_size=args.image_size,
         compile=COMPILE_FLAGS.get(args.compile),
         precision=args.precision,
+        device=args.device,
+        deterministic=args.deterministic,
         momentum=args.momentum,
         nesterov=args.nesterov,
         milestones=args.milestones,
@@ -135,7 +152,7 @@ def run_train(args: argparse.Namespace, ctx):
 
     if args.resume is not None:
         check_resume_args(args)
-        return resume(args.resume, ctx=ctx)
+        return resume(args.resume, ctx=ctx, device=args.device)
     notes: list[str] = []
     cfg, out = train_config(args, notes)
     if ctx.is_main:

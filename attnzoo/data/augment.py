@@ -181,7 +181,7 @@ class SampleAugment:
             ops, bins, negative = draws.ops[:, slot], draws.bins[:, slot], draws.negative[:, slot]
             key = (ops * MAGNITUDE_BINS + bins) * 2 + negative.long()
             for value in torch.unique(key).tolist():
-                chosen = (key == value).nonzero().squeeze(1)
+                chosen = (key == value).nonzero().squeeze(1).to(images.device)
                 name = self.op_names[value // (2 * MAGNITUDE_BINS)]
                 magnitude = self._magnitude(
                     name, (value // 2) % MAGNITUDE_BINS, value % 2, height, width
@@ -208,10 +208,10 @@ class SampleAugment:
         """Set each drawn box of a normalised float batch to 0 (the mean); one masked fill."""
         if draws.erase is None:
             return x
-        top, left, box_h, box_w = draws.erase.unbind(1)
+        top, left, box_h, box_w = draws.erase.to(x.device, non_blocking=True).unbind(1)
         h, w = x.shape[-2:]
-        rows = torch.arange(h)
-        cols = torch.arange(w)
+        rows = torch.arange(h, device=x.device)
+        cols = torch.arange(w, device=x.device)
         in_rows = (rows >= top[:, None]) & (rows < (top + box_h)[:, None])  # (n, h)
         in_cols = (cols >= left[:, None]) & (cols < (left + box_w)[:, None])  # (n, w)
         mask = (in_rows[:, :, None] & in_cols[:, None, :])[:, None]  # (n, 1, h, w)

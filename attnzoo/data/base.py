@@ -9,6 +9,12 @@ Two kinds of dataset implement ``Dataset``:
 
 Both loaders share the ``Loader`` interface, so ``attnzoo/train/engine.py`` does not know
 which one it drives: exact resume, data-parallel sharding and channels_last work the same.
+
+``loader.to(device)`` makes a loader hand out batches on a GPU. The in-memory loader then
+holds its uint8 split on the GPU (uploaded once) and crops, flips and normalises whole
+batches there; per step only the batch's indices and augmentation draws (a few KB, from the
+CPU generator) go up, asynchronously from pinned memory. The folder loader decodes on the
+CPU into pinned memory and copies each uint8 batch without blocking.
 """
 
 from __future__ import annotations
@@ -97,8 +103,20 @@ class SplitLoader:
         std_t = torch.tensor(std, dtype=torch.float32)
         self.scale = (1.0 / (255.0 * std_t)).view(1, 3, 1, 1)
         self.shift = (-torch.tensor(mean, dtype=torch.float32) / std_t).view(1, 3, 1, 1)
+        # The generator stays on the CPU on every device: the same seed draws the same
+        # batches on a CPU and on a GPU, and a run moves between them exactly.
         self.generator = torch.Generator().manual_seed(seed)
         self.rank, self.world_size = rank, world_size
+        self.device = torch.device("cpu")
+
+    def to(self, device: torch.device | str) -> SplitLoader:
+        """Hand out batches on ``device``: the labels and the normalisation move there once
+        (the in-memory loader moves its images too). Returns self."""
+        self.device = torch.device(device)
+        self.labels = self.labels.to(self.device)
+        self.scale = self.scale.to(self.device)
+        self.shift = self.shift.to(self.device)
+        return self
 
     def __len__(self) -> int:
         n = len(self.labels)

@@ -74,6 +74,28 @@ class InMemoryLoader(SplitLoader):
         self._resume_at: tuple[torch.Tensor, int] | None = None
         self.augment: SampleAugment | None = None
 
+    def to(self, device: torch.device | str) -> InMemoryLoader:
+        """Move the split (uint8) to ``device`` once; batches are then made there."""
+        super().to(device)
+        self.images = self.images.to(self.device)
+        return self
+
+    def _upload(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """CPU-drawn int64/bool tensors on the loader's device: one pinned, non-blocking copy
+        for all of them on CUDA (the GPU never waits for the host), themselves on the CPU."""
+        if self.device.type == "cpu":
+            return tensors
+        flat = torch.cat([t.reshape(-1).long() for t in tensors])
+        if self.device.type == "cuda":
+            flat = flat.pin_memory()
+        flat = flat.to(self.device, non_blocking=True)
+        out, start = [], 0
+        for t in tensors:
+            part = flat[start : start + t.numel()].view(t.shape)
+            out.append(part.bool() if t.dtype == torch.bool else part)
+            start += t.numel()
+        return tuple(out)
+
     def set_augment(self, augment: SampleAugment | None) -> None:
         """Per-sample augmentation of the training batches (None: crop and flip only)."""
         if augment is not None and not self.train:
@@ -100,10 +122,11 @@ class InMemoryLoader(SplitLoader):
         p = self.pad
         if p:
             batch = F.pad(batch, (p, p, p, p))
-        cols = torch.arange(w).expand(n, w)
+        cols = torch.arange(w, device=batch.device).expand(n, w)
         if flipped is not None:
             cols = torch.where(flipped, w - 1 - cols, cols)
-        rows = (dy + torch.arange(h)).view(n, 1, h, 1).expand(n, 3, h, w + 2 * p)
+        rows = (dy + torch.arange(h, device=batch.device)).view(n, 1, h, 1)
+        rows = rows.expand(n, 3, h, w + 2 * p)
         batch = batch.gather(2, rows)
         return batch.gather(3, (dx + cols).view(n, 1, 1, w).expand(n, 3, h, w))
 
@@ -123,11 +146,12 @@ class InMemoryLoader(SplitLoader):
         else:
             order = torch.randperm(n, generator=self.generator) if self.train else torch.arange(n)
             self._position = 0
-        self._order = order
+        self._order = order  # on the CPU: the state_dict holds it
+        (order_here,) = self._upload(order)  # once per epoch
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         h, w = self.images.shape[-2:]
         for i in range(self._position, len(self)):
-            idx = order[i * self.batch_size : (i + 1) * self.batch_size]
+            idx = order_here[i * self.batch_size : (i + 1) * self.batch_size]
             draws = self._draw_augmentation(len(idx))
             extra = None
             if self.augment is not None:
@@ -137,6 +161,10 @@ class InMemoryLoader(SplitLoader):
                 idx = idx[part]
                 draws = None if draws is None else tuple(d if d is None else d[part] for d in draws)
                 extra = None if extra is None else extra.select(part)
+            if draws is not None and self.device.type != "cpu":
+                present = [d for d in draws if d is not None]
+                moved = iter(self._upload(*present))
+                draws = tuple(None if d is None else next(moved) for d in draws)
             x = self._augment(self.images[idx], draws)
             if extra is not None:
                 x = self.augment.apply_policy(x, extra)

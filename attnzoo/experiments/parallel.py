@@ -34,7 +34,9 @@ def default_threads(jobs: int) -> int:
     return max(1, (os.cpu_count() or 1) // max(jobs, 1))
 
 
-def _cell_main(config: dict, out: str, resume_run: bool, threads: int, tag: str) -> None:
+def _cell_main(
+    config: dict, out: str, resume_run: bool, threads: int, tag: str, device: str = "auto"
+) -> None:
     """One cell, in its own process: train or resume; the exit status says how it ended."""
     from ..train import Interrupted, resume, train
     from ..train.config import TrainConfig
@@ -44,9 +46,10 @@ def _cell_main(config: dict, out: str, resume_run: bool, threads: int, tag: str)
 
     try:
         if resume_run:
-            resume(out, log=log, threads=threads)
+            resume(out, log=log, threads=threads, device=device)
         else:
-            cfg = TrainConfig.from_dict({**config, "threads": threads}).validate()
+            cfg = TrainConfig.from_dict({**config, "threads": threads, "device": device})
+            cfg.validate()
             train(cfg, out, log=log)
     except Interrupted as e:
         log(str(e))
@@ -94,8 +97,12 @@ def run_cells(
     on_start: Callable[[Any], None],
     on_end: Callable[[Any, str, int], None],
     log: Callable[[str], None] = print,
+    devices: list[str] | None = None,
 ) -> list[tuple[Any, int]]:
     """Run ``cells`` (PlannedRun, state "train" or "resume") ``jobs`` at a time.
+
+    ``devices``: the device settings the cells train on; each new cell goes to the one with
+    the fewest running cells (the first of those), so K jobs over D GPUs put K/D on each.
 
     ``on_start(cell)`` and ``on_end(cell, status, exit_code)`` (status "finished", "failed"
     or "stopped") let the caller keep plan.json current. Returns the failed cells with their
@@ -107,29 +114,43 @@ def run_cells(
         raise ValueError(f"--jobs must be a positive int, got {jobs!r}")
     per_job = threads if threads is not None else default_threads(jobs)
     context = mp.get_context("spawn")
+    devices = list(devices or ["auto"])
     pending = list(cells)
     running: dict[int, tuple[Any, Any]] = {}
+    placed: dict[int, str] = {}  # sentinel -> device of the running cell
     failed: list[tuple[Any, int]] = []
     with _Stop(running) as stop:
         while pending or running:
             while pending and len(running) < jobs and stop.signum is None:
                 cell = pending.pop(0)
                 tag = f"{cell.slug} seed {cell.seed}"
+                load = {d: list(placed.values()).count(d) for d in devices}
+                device = min(devices, key=lambda d: load[d])
                 process = context.Process(
                     target=_cell_main,
-                    args=(cell.cfg.to_dict(), str(cell.out), cell.state == "resume", per_job, tag),
+                    args=(
+                        cell.cfg.to_dict(),
+                        str(cell.out),
+                        cell.state == "resume",
+                        per_job,
+                        tag,
+                        device,
+                    ),
                     name=f"attnzoo-{tag}",
                 )
                 on_start(cell)
                 action = "resuming" if cell.state == "resume" else "training"
-                log(f"[{tag}] {action} -> {cell.out} ({per_job} thread(s))")
+                where = "" if devices == ["auto"] else f" on {device}"
+                log(f"[{tag}] {action} -> {cell.out}{where} ({per_job} thread(s))")
                 process.start()
                 running[process.sentinel] = (process, cell)
+                placed[process.sentinel] = device
             if not running:
                 break
             multiprocessing.connection.wait(list(running), timeout=POLL_SECONDS)
             for sentinel in [s for s, (p, _) in running.items() if not p.is_alive()]:
                 process, cell = running.pop(sentinel)
+                placed.pop(sentinel, None)
                 process.join()
                 code = process.exitcode
                 if code == 0:

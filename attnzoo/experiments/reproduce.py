@@ -33,7 +33,11 @@ from .spec import Row, Table, load_table
 DEFAULT_OUT = "runs/reproduce"
 PLAN_FILE = "plan.json"
 # Settings that do not change what a run computes: a restart may change them freely.
-NOT_COMPARED = {"data_dir", "threads", "progress", "checkpoint_every_steps", "compile", "workers"}
+# Settings that change speed, not results: a run started with other values is the same run.
+NOT_COMPARED = {
+    "data_dir", "threads", "progress", "checkpoint_every_steps", "compile", "workers",
+    "device", "deterministic",
+}  # fmt: skip
 
 
 @dataclass
@@ -314,6 +318,7 @@ def reproduce(
     jobs: int = 1,
     launcher: str | None = None,
     slurm: Any = None,
+    devices: str | list[str] | None = None,
 ) -> dict[str, Any]:
     """Run (or finish) every selected row x seed of ``table_key``; returns the plan written.
 
@@ -323,9 +328,18 @@ def reproduce(
     others, and ``RunError`` names the failures at the end. ``launcher`` "slurm" submits
     every cell as a job of one Slurm array and returns (``cluster.py``; ``slurm`` holds the
     ``SlurmOptions``); "local" runs the same jobs through submitit's local executor and
-    waits for them.
+    waits for them. ``devices`` (``--devices``): one device setting for every cell, or a list
+    that the running cells are spread over (each new cell goes to the device with the fewest
+    running; e.g. ``cuda:0,cuda:1`` with ``jobs=4`` runs two cells per GPU).
     """
     from ..train import load_recipe, resume, train
+
+    device_list = parse_devices(devices)
+    if len(device_list) > 1 and jobs == 1 and launcher is None:
+        raise ValueError(
+            f"--devices {','.join(device_list)} lists {len(device_list)} devices for one job at a "
+            f"time; add --jobs {len(device_list)} (or more) to use them all"
+        )
 
     table, runs = plan_runs(
         table_key,
@@ -414,7 +428,10 @@ def reproduce(
             table_key, todo, launcher, slurm, threads, table_dir, plan, plan_rows, save, counts, log
         )
     if jobs != 1:
-        return _reproduce_parallel(todo, jobs, threads, plan, plan_rows, save, counts, log)
+        return _reproduce_parallel(
+            todo, jobs, threads, plan, plan_rows, save, counts, log, device_list
+        )
+    device = device_list[0]
     for i, run in enumerate(todo, 1):
         status = plan_rows[run.slug]["seeds"][str(run.seed)]
         action = "resuming" if run.state == "resume" else "training"
@@ -423,9 +440,10 @@ def reproduce(
         save()
         try:
             if run.state == "resume":
-                resume(run.out, log=log)
+                resume(run.out, log=log, device=device)
                 counts["resumed"] += 1
             else:
+                run.cfg.device = device
                 train(run.cfg, run.out, log=log)
                 counts["trained"] += 1
         except BaseException:
@@ -437,7 +455,27 @@ def reproduce(
     return {**plan, "counts": counts}
 
 
-def _reproduce_parallel(todo, jobs, threads, plan, plan_rows, save, counts, log) -> dict:
+def parse_devices(devices: str | list[str] | None) -> list[str]:
+    """``--devices``: None (auto), one setting, or a comma-separated list of them."""
+    from ..train.fastpath import check_device
+
+    if devices is None:
+        return ["auto"]
+    items = devices.split(",") if isinstance(devices, str) else list(devices)
+    items = [d.strip() for d in items]
+    if not items or any(not d for d in items):
+        raise ValueError(f"--devices {devices!r} has an empty item; e.g. cuda:0,cuda:1 or cpu")
+    for d in items:
+        try:
+            check_device(d)
+        except ValueError as e:
+            raise ValueError(f"--devices: {e}") from e
+    return items
+
+
+def _reproduce_parallel(
+    todo, jobs, threads, plan, plan_rows, save, counts, log, devices=("auto",)
+) -> dict:
     """The cells of ``todo`` in ``jobs`` processes (parallel.py), plan.json kept current."""
     from ..train import RunError
     from .parallel import run_cells
@@ -455,7 +493,7 @@ def _reproduce_parallel(todo, jobs, threads, plan, plan_rows, save, counts, log)
             counts["resumed" if run.state == "resume" else "trained"] += 1
         save()
 
-    failed = run_cells(todo, jobs, threads, on_start, on_end, log=log)
+    failed = run_cells(todo, jobs, threads, on_start, on_end, log=log, devices=list(devices))
     if failed:
         names = ", ".join(f"{run.row.name} seed {run.seed} (exit {code})" for run, code in failed)
         raise RunError(

@@ -37,7 +37,8 @@ class RunError(Exception):
 
 
 def save_weights(path: Path, model: nn.Module, metadata: dict[str, str] | None = None) -> None:
-    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    # On the CPU whatever the model's device: the file loads anywhere.
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     data = save(tensors, metadata=metadata)
     atomic_write(path, lambda f: f.write(data))
 
@@ -132,7 +133,19 @@ def summarize_load_error(error: RuntimeError, limit: int = 3) -> str:
     return "; ".join(lines[:limit]) + more
 
 
+def _on_cpu(value: Any) -> Any:
+    """Every tensor of a nested state on the CPU (a GPU run's checkpoint loads anywhere)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _on_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_on_cpu(v) for v in value)
+    return value
+
+
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    state = _on_cpu(state)
     atomic_write(path, lambda f: torch.save(state, f))
 
 

@@ -5,15 +5,19 @@ and schedule settings of a paper. A run writes the fully resolved config as conf
 
 The fast training path, per device (``fastpath.DEVICE_CHOICES``):
 
-| setting | CPU (what this project runs on) | CUDA (not measured here) |
+| setting | CPU (what this project runs on) | CUDA (not yet measured on a GPU) |
 | --- | --- | --- |
+| ``device`` | ``"auto"``: the CPU where no GPU is present | ``"auto"``: ``cuda`` when available |
 | ``channels_last`` | on: a ResNet-56 step takes 0.86x the NCHW time | on: NHWC suits cuDNN's tensor-core convolutions |
-| ``precision`` | ``"auto"``: bf16 autocast on CPUs with bf16 instructions (0.6-0.9x the fp32 step), else fp32 (bf16 was 11.5x slower without them) | bf16 would be the choice; the engine does not drive CUDA yet |
-| ``compile`` | ``"auto"``: on only when the planned steps repay the 1.5-4.5 min compile (the rule is in ``fastpath.py``) | ``"auto"``, same rule |
+| ``precision`` | ``"auto"``: bf16 autocast on CPUs with bf16 instructions (0.6-0.9x the fp32 step), else fp32 (bf16 was 11.5x slower without them) | ``"auto"``: bf16 autocast where the GPU supports it, else fp32; ``fp16`` trains with a gradient scaler |
+| ``compile`` | ``"auto"``: on only when the planned steps repay the 1.5-4.5 min compile (the rule is in ``fastpath.py``) | ``"auto"``: off until measured on a GPU; ``true`` to try |
+| ``deterministic`` | no effect (CPU runs are bitwise repeatable) | ``false``: cudnn.benchmark; ``true``: deterministic kernels |
 
 ``compile`` is ``"auto"``, ``true`` or ``false`` (CLI ``--compile auto|on|off``), ``precision``
 ``"auto"``, ``"fp32"``, ``"bf16"`` or ``"fp16"`` (CUDA only); the run's checkpoints record what
-``auto`` chose for each, and ``--resume`` keeps those choices.
+``auto`` chose for each, and ``--resume`` keeps those choices. ``device`` is a speed setting
+like ``threads``: ``--resume RUN --device cpu`` continues a GPU run on the CPU (and the run
+directory lists every device it ran on).
 
 Modern training options (docs/training.md has the details; each default is off and keeps
 the papers' recipes byte-for-byte): ``optimizer`` (``sgd`` | ``adamw``, ``betas``),
@@ -83,6 +87,12 @@ class TrainConfig:
     # Autocast of the forward pass: "auto" (bf16 where the CPU has bf16 instructions, else
     # fp32; fastpath.decide_precision), "fp32", "bf16" or "fp16" (CUDA only).
     precision: str = "auto"
+    # Where to train: "auto" (CUDA when available, else the CPU), "cpu", "cuda" or "cuda:N"
+    # (fastpath.resolve_device). A speed setting like threads: a resume may pick another.
+    device: str = "auto"
+    # CUDA: bitwise repeatable kernels (no cudnn.benchmark, deterministic algorithms), at some
+    # speed. The CPU is deterministic already.
+    deterministic: bool = False
     # Loggers that show each epoch's metrics.jsonl row elsewhere (loggers.LOGGERS), e.g.
     # ["tensorboard"]; and for tensorboard, figures every N epochs and at the end (0: none).
     log: list = field(default_factory=list)
@@ -113,11 +123,12 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         from ..data.datasets import check_dataset
         from ..registry import check_attention, list_models
-        from .fastpath import check_compile, check_precision
+        from .fastpath import check_compile, check_device, check_precision
         from .loggers import check_log
 
         check_compile(self.compile)
         check_precision(self.precision)
+        check_device(self.device)
         check_training_options(self)
         self.log = check_log(self.log)  # a single name becomes a one-item list
         every = self.log_figures_every
@@ -132,7 +143,7 @@ class TrainConfig:
         for name in ("attention", "data_dir"):
             if not isinstance(getattr(self, name), (str, type(None))):
                 raise ValueError(f"{name} must be a string or null, got {getattr(self, name)!r}")
-        for name in ("nesterov", "channels_last", "sync_bn"):
+        for name in ("nesterov", "channels_last", "sync_bn", "deterministic"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if not isinstance(self.progress, (bool, type(None))):

@@ -1,4 +1,5 @@
-"""Data-parallel training on CPU processes: DistributedDataParallel over gloo.
+"""Data-parallel training: DistributedDataParallel over gloo on CPU processes, over NCCL
+with one process per GPU.
 
 Start ``attnzoo train`` under ``torchrun --nproc_per_node=K -m attnzoo train ...`` (or
 ``attnzoo train --nproc K ...``, which does that for you). Each process then
@@ -14,6 +15,11 @@ Start ``attnzoo train`` under ``torchrun --nproc_per_node=K -m attnzoo train ...
   are those of the whole run;
 - leaves every file to rank 0, which saves the unwrapped model: a checkpoint does not
   depend on the number of processes, so a run can be resumed with any number of them.
+
+On GPUs (``--device cuda`` or ``auto`` with GPUs present, under ``--nproc K`` or torchrun):
+the process group uses NCCL, process ``LOCAL_RANK`` trains on ``cuda:LOCAL_RANK``, DDP gets
+``device_ids`` and ``sync_bn`` uses torch's native ``nn.SyncBatchNorm``. The collectives
+below then move their small tensors through the GPU (NCCL has no CPU tensors).
 
 Decisions that must be the same on every process (stop on a signal, a non-finite loss, a
 failed save) are taken together through ``any_of`` so no process is left waiting in a
@@ -47,6 +53,9 @@ class DistContext:
     rank: int = 0
     world_size: int = 1
     local_world_size: int = 1
+    local_rank: int = 0
+    # Where the collectives' tensors live: "cpu" (gloo) or this process's GPU (NCCL).
+    device: str = "cpu"
 
     @property
     def active(self) -> bool:
@@ -61,15 +70,34 @@ class DistContext:
 SINGLE = DistContext()
 
 
-def from_env() -> DistContext:
-    """The context torchrun describes in the environment; joins the process group if needed."""
+def from_env(device: str = "cpu") -> DistContext:
+    """The context torchrun describes in the environment; joins the process group if needed.
+
+    ``device`` is the run's ``--device`` setting: on CUDA ('cuda', or 'auto' with a GPU) the
+    group uses NCCL and this process takes ``cuda:LOCAL_RANK``; else gloo on the CPU."""
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if world <= 1:
         return SINGLE
-    if not dist.is_initialized():
-        dist.init_process_group("gloo")  # env:// rendezvous: MASTER_ADDR/PORT, RANK, ...
     local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)) or world)
-    return DistContext(dist.get_rank(), dist.get_world_size(), local)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
+    on_gpu = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if on_gpu:
+        if ":" in device:
+            raise ValueError(
+                f"--device {device} picks one GPU; with several processes each takes "
+                f"cuda:LOCAL_RANK, so pass --device cuda"
+            )
+        if not torch.cuda.is_available() or torch.cuda.device_count() < local:
+            raise ValueError(
+                f"{local} processes on this machine need {local} GPUs for --device {device}; "
+                f"{torch.cuda.device_count() if torch.cuda.is_available() else 0} are visible"
+            )
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        # env:// rendezvous: MASTER_ADDR/PORT, RANK, ...
+        dist.init_process_group("nccl" if on_gpu else "gloo")
+    where = f"cuda:{local_rank}" if on_gpu else "cpu"
+    return DistContext(dist.get_rank(), dist.get_world_size(), local, local_rank, where)
 
 
 def shutdown() -> None:
@@ -89,7 +117,7 @@ def max_of(ctx: DistContext, *values: int) -> tuple[int, ...]:
     """Each value's maximum over processes (one small all_reduce)."""
     if not ctx.active:
         return tuple(int(v) for v in values)
-    t = torch.tensor([int(v) for v in values], dtype=torch.int64)
+    t = torch.tensor([int(v) for v in values], dtype=torch.int64, device=ctx.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return tuple(t.tolist())
 
@@ -103,7 +131,7 @@ def sum_values(ctx: DistContext, values: list[float]) -> list[float]:
     """Element-wise sum over processes, in float64."""
     if not ctx.active:
         return list(values)
-    t = torch.tensor(values, dtype=torch.float64)
+    t = torch.tensor(values, dtype=torch.float64, device=ctx.device)
     dist.all_reduce(t)
     return t.tolist()
 
@@ -178,7 +206,7 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         x = x.float()
         dims = [0, *range(2, x.dim())]
         shape = [1, -1] + [1] * (x.dim() - 2)
-        count = torch.tensor([x.numel() // x.shape[1]], dtype=x.dtype)
+        count = torch.tensor([x.numel() // x.shape[1]], dtype=x.dtype, device=x.device)
         totals = all_reduce(torch.cat([x.sum(dims), count]))
         n = totals[-1]
         mean = totals[:-1] / n
@@ -202,8 +230,11 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         self.running_var.lerp_(unbiased, momentum)
 
 
-def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
-    """Replace every batch-norm layer by ``SyncBatchNorm``, sharing its parameters/buffers."""
+def convert_sync_batchnorm(module: nn.Module, on_gpu: bool = False) -> nn.Module:
+    """Replace every batch-norm layer by ``SyncBatchNorm``, sharing its parameters/buffers
+    (``on_gpu``: torch's native ``nn.SyncBatchNorm``, which runs on CUDA only)."""
+    if on_gpu:
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(
         module, (SyncBatchNorm, nn.SyncBatchNorm)
     ):
@@ -236,7 +267,9 @@ def wrap(model: nn.Module, ctx: DistContext, sync_bn: bool) -> nn.Module:
     # no need to copy rank 0's buffers before every forward (newer torch renamed the option).
     options = inspect.signature(DistributedDataParallel).parameters
     name = "forward_sync_buffers" if "forward_sync_buffers" in options else "broadcast_buffers"
-    return DistributedDataParallel(model, **{name: not sync_bn})
+    on_gpu = ctx.device.startswith("cuda")
+    ids = {"device_ids": [ctx.local_rank]} if on_gpu else {}
+    return DistributedDataParallel(model, **ids, **{name: not sync_bn})
 
 
 # ---------------------------------------------------------------- launching

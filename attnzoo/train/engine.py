@@ -77,13 +77,18 @@ from .distributed import (
 from .ema import build_ema
 from .fastpath import (
     MIN_COMPILED_STEPS,
+    SYNC_EVERY,
     autocast,
     compile_saving,
     compiled,
+    configure_device,
     decide_compile,
     decide_precision,
+    device_info,
     estimated_step_seconds,
+    grad_scaler,
     macs_per_image,
+    resolve_device,
 )
 from .loggers import RunLoggers, require_loggers
 from .loss import main_logits, training_loss
@@ -168,22 +173,29 @@ def evaluate(
     model: nn.Module, loader: Loader, ctx: DistContext = SINGLE, precision: str = "fp32"
 ) -> dict[str, float]:
     """Top-1 / top-5 error (%) and mean loss over the loader (summed over processes), with the
-    forward pass in ``precision`` (a resolved one: fp32, bf16 or fp16)."""
+    forward pass in ``precision`` (a resolved one: fp32, bf16 or fp16), on the model's device.
+    The sums stay on the device until the end: one host synchronisation per evaluation."""
     model.eval()
-    total, loss_sum, top1, top5 = 0, 0.0, 0, 0
+    device = next(model.parameters()).device
+    total = 0
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    top1 = torch.zeros((), dtype=torch.int64, device=device)
+    top5 = torch.zeros((), dtype=torch.int64, device=device)
     for x, y in loader:
         if not len(y):  # this process's share of a short last batch
             continue
-        with autocast(precision):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast(precision, device):
             logits = model(x)
         logits = logits.float()
-        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+        loss_sum += F.cross_entropy(logits, y, reduction="sum")
         k = min(5, logits.shape[1])
         top = logits.topk(k, dim=1).indices
         hit = top == y[:, None]
-        top1 += hit[:, 0].sum().item()
-        top5 += hit.any(dim=1).sum().item()
+        top1 += hit[:, 0].sum()
+        top5 += hit.any(dim=1).sum()
         total += y.numel()
+    loss_sum, top1, top5 = loss_sum.item(), top1.item(), top5.item()
     if ctx.active:
         total, loss_sum, top1, top5 = sum_values(ctx, [total, loss_sum, top1, top5])
     return {
@@ -212,17 +224,23 @@ class Trainer:
                 f"among {ctx.world_size} processes"
             )
         torch.set_num_threads(cfg.threads or default_threads(ctx))
+        # With several processes on GPUs, distributed.from_env chose this process's GPU.
+        self.device = torch.device(ctx.device) if ctx.active else resolve_device(cfg.device)
+        self.device_line = configure_device(self.device, cfg.deterministic)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed % 2**32)
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(cfg.seed)  # seeds every CUDA device too
         self.data = data if data is not None else load_data(cfg)
-        self.model = build_model(cfg, self.data.num_classes)
+        # Built on the CPU from the seed (the same weights on every device), then moved.
+        self.model = build_model(cfg, self.data.num_classes).to(self.device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         if ctx.active and cfg.sync_bn:
-            self.model = convert_sync_batchnorm(self.model)
+            self.model = convert_sync_batchnorm(self.model, on_gpu=self.device.type == "cuda")
         self.params = count_parameters(self.model)
         self.train_loader, self.test_loader = make_loaders(cfg, self.data, ctx)
+        for loader in (self.train_loader, self.test_loader):
+            loader.to(self.device)
         if len(self.train_loader) == 0 or self.train_loader.num_samples < ctx.world_size:
             raise RunError(
                 f"{self.train_loader.num_samples} training images are too few for "
@@ -249,7 +267,14 @@ class Trainer:
         self.ema = build_ema(self.model, cfg.ema_decay)
         self.eager_model = wrap(self.model, ctx, cfg.sync_bn)  # DDP around it, or itself
         self.compiled, self.compile_reason = self._resolve_compile()
-        self.precision, self.precision_reason = decide_precision(cfg.precision)
+        self.precision, self.precision_reason = decide_precision(cfg.precision, self.device)
+        self.scaler = grad_scaler(self.precision, self.device)  # fp16 only
+        # The devices this run has trained on (a resume may change it): what, and from which
+        # step. The checkpoint carries the list; summary.json reports it.
+        self.devices: list[dict[str, Any]] = []
+        # On a GPU the loop checks the loss and the stop requests every SYNC_EVERY steps, so
+        # that the GPU never waits on Python (see train_epoch); on the CPU, every step.
+        self.sync_every = 1 if self.device.type == "cpu" else SYNC_EVERY
         # state_dict() and evaluate() keep using the uncompiled self.model.
         self.train_model = compiled(self.eager_model) if self.compiled else self.eager_model
         self.epoch = 0  # epochs finished
@@ -265,6 +290,8 @@ class Trainer:
         same answer). The checkpoint records it, and a resume keeps it."""
         cfg = self.cfg
         steps = cfg.epochs * len(self.train_loader)
+        if self.device.type == "cuda" and cfg.compile == "auto":
+            return False, "auto: off on CUDA until measured on a GPU (--compile on to try)"
         step_seconds = 0.0
         if cfg.compile == "auto" and steps >= MIN_COMPILED_STEPS:  # else no estimate needed
             macs = macs_per_image(
@@ -282,12 +309,14 @@ class Trainer:
             "epoch": self.epoch,
             "step": self.step,
             "wall_time": self.wall_time,
-            "rng": rng_state(),
+            "rng": rng_state(self.device),
             "loader": self.train_loader.state_dict(),
             "progress": None if progress is None else progress.state(),
             "compiled": self.compiled,
             "precision": self.precision,
+            "devices": self.devices,
             **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
+            **({"scaler": self.scaler.state_dict()} if self.scaler is not None else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -300,14 +329,19 @@ class Trainer:
             if self.epoch < 0 or self.step < 0:
                 raise ValueError(f"epoch {self.epoch}, step {self.step}")
             self.wall_time = float(state.get("wall_time", 0.0))
-            set_rng_state(state["rng"])
+            self.devices = [dict(d) for d in state.get("devices", [])]
+            set_rng_state(state["rng"], self.device)
             if "loader" in state:
                 self.train_loader.load_state_dict(state["loader"])
             else:  # written before mid-epoch checkpoints existed: always at an epoch's end
                 self.train_loader.generator.set_state(state["rng"]["loader"])
             progress = state.get("progress")
             steps = len(self.train_loader)
-            self.progress = None if progress is None else EpochProgress.from_state(progress, steps)
+            self.progress = (
+                None
+                if progress is None
+                else EpochProgress.from_state(progress, steps).to(self.device)
+            )
             position = self.train_loader.state_dict()["position"]
             if position != (self.progress.steps_done if self.progress else 0):
                 raise ValueError(f"loader position {position} disagrees with the epoch progress")
@@ -322,8 +356,16 @@ class Trainer:
             # Likewise the precision ``auto`` chose (checkpoints from before it: fp32).
             precision_before = str(state.get("precision", "fp32"))
             if precision_before != self.precision:
-                decide_precision(precision_before)  # a known one
+                if precision_before == "fp16" and self.device.type != "cuda":
+                    raise RunError(
+                        f"this run trains in fp16 with a gradient scaler, which needs a CUDA "
+                        f"device; resume it with --device cuda, not on {self.device}"
+                    )
+                decide_precision(precision_before, self.device)  # a known one
                 self.precision, self.precision_reason = precision_before, "as the run started"
+                self.scaler = grad_scaler(self.precision, self.device)
+            if self.scaler is not None:
+                self.scaler.load_state_dict(state["scaler"])
         except (KeyError, RuntimeError, ValueError, TypeError, IndexError, AttributeError) as e:
             raise RunError(f"checkpoint does not match this run: {one_line(e)}") from e
         self.saved = (self.epoch, self.step)
@@ -401,7 +443,11 @@ class Trainer:
         cfg, ctx, model, loader = self.cfg, self.ctx, self.train_model, self.train_loader
         model.train()
         steps = len(loader)
-        progress, self.progress = self.progress or EpochProgress(), None
+        device = self.device
+        progress, self.progress = self.progress or EpochProgress().to(device), None
+        # Non-finite losses since the last check, on the device (a GPU never waits for it).
+        nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+        checked_step = self.step
         start = time.perf_counter() - progress.train_time
         # progress None: tqdm decides (a bar only on a terminal); other ranks never show one.
         disable = True if not ctx.is_main else None if cfg.progress is None else not cfg.progress
@@ -417,6 +463,8 @@ class Trainer:
         for i in range(progress.steps_done, steps):
             t0 = time.perf_counter()
             x, y = next(it)
+            # No-ops for the in-memory loader, whose batches are made on the device.
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             target = y  # class indices; mixed batches: class probabilities (mixing.py)
             if self.mixing is not None:
                 x, target = self.mixing(x, y)
@@ -424,28 +472,48 @@ class Trainer:
             lr = learning_rate(cfg, self.epoch + i / steps)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            with autocast(self.precision):
+            with autocast(self.precision, device):
                 output = model(x)
                 loss = training_loss(output, target, **self.loss_kwargs)
             logits = main_logits(output)
-            finite = bool(torch.isfinite(loss))
-            any_bad, stop_signal = max_of(ctx, not finite, requested(stop))
-            if any_bad:
-                what = (
-                    f"loss is {loss.item()}"
-                    if not finite
-                    else "another process's loss is not finite"
-                )
-                raise RunError(
-                    f"{what} at epoch {self.epoch + 1}, step {self.step + 1}; "
-                    f"stopping (the last good checkpoint in {self.out} is kept)"
-                )
+            # The checks (a non-finite loss, a stop request on any process) synchronise with
+            # the device: every step on the CPU, every sync_every steps on a GPU, and always
+            # before a checkpoint, so a checkpoint never follows a non-finite loss.
+            every = cfg.checkpoint_every_steps
+            check = (
+                (self.step + 1) % self.sync_every == 0
+                or i == steps - 1
+                or bool(every and (self.step + 1) % every == 0)
+            )
+            nonfinite |= ~torch.isfinite(loss.detach())
+            stop_signal = requested(stop) if not ctx.active else 0
+            if check:
+                bad = bool(nonfinite)
+                any_bad, stop_signal = max_of(ctx, bad, requested(stop))
+                if any_bad:
+                    if not bad:
+                        what = "another process's loss is not finite"
+                    elif self.sync_every == 1:
+                        what = f"loss is {loss.item()}"
+                    else:
+                        what = f"the loss became non-finite after step {checked_step}"
+                    raise RunError(
+                        f"{what} at epoch {self.epoch + 1}, step {self.step + 1}; "
+                        f"stopping (the last good checkpoint in {self.out} is kept)"
+                    )
+                checked_step = self.step + 1
             self.optimizer.zero_grad(set_to_none=True)
             if ctx.active:
-                (loss * self._loss_weight(i, y.numel())).backward()
+                loss_to_back = loss * self._loss_weight(i, y.numel())
             else:
-                loss.backward()
-            self.optimizer.step()
+                loss_to_back = loss
+            if self.scaler is not None:  # fp16: scaled gradients, skipped steps on overflow
+                self.scaler.scale(loss_to_back).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                loss_to_back.backward()
+                self.optimizer.step()
             if self.ema is not None:
                 self.ema.update_parameters(self.model)
             self.step += 1
@@ -455,7 +523,7 @@ class Trainer:
             progress.steps_done = i + 1
             elapsed = time.perf_counter() - start
             bar.update()
-            if i % 10 == 0 or i == steps - 1:
+            if not bar.disable and (i % 10 == 0 or i == steps - 1):  # .item() synchronises
                 bar.set_postfix(
                     loss=f"{progress.loss_sum.item() / progress.seen:.3f}",
                     acc=f"{100 * progress.correct.item() / progress.seen:.1f}",
@@ -463,7 +531,6 @@ class Trainer:
                 )
             # The epoch's last step goes on to the evaluation and the epoch save instead.
             if i < steps - 1:
-                every = cfg.checkpoint_every_steps
                 if stop_signal or (every and self.step % every == 0):
                     progress.train_time = time.perf_counter() - start
                     self.save_mid_epoch(progress)
@@ -491,12 +558,21 @@ class Trainer:
             "images_per_s": seen / train_time,
         }
 
+    def note_device(self) -> None:
+        """Record where this part of the run trains (a resume may move the run)."""
+        info = {**device_info(self.device), "from_step": self.step}
+        if not self.devices or {k: v for k, v in self.devices[-1].items() if k != "from_step"} != {
+            k: v for k, v in info.items() if k != "from_step"
+        }:
+            self.devices.append(info)
+
     def fit(
         self, log: Callable[[str], None] = print, stop: GracefulStop | None = None
     ) -> dict[str, Any]:
         """Train the remaining epochs, saving after each; rank 0 alone logs and writes."""
         cfg, ctx = self.cfg, self.ctx
         log = log if ctx.is_main else quiet
+        self.note_device()
         while self.epoch < cfg.epochs:
             t0 = time.perf_counter() - (self.progress.train_time if self.progress else 0.0)
             row = {"epoch": self.epoch + 1, **self.train_epoch(stop)}
@@ -553,6 +629,7 @@ class Trainer:
             "precision": self.precision,
             "compiled": self.compiled,
             "machine": machine_info(),
+            "devices": self.devices,
             "wall_time": self.wall_time,
             "loader_share": sum(r["loader_time"] for r in self.metrics)
             / max(sum(r["train_time"] for r in self.metrics), 1e-9),
@@ -569,7 +646,7 @@ def train(
     out = Path(out)
     cfg.validate()
     require_loggers(cfg.log)  # a missing package fails here, before any training
-    ctx = ctx or from_env()
+    ctx = ctx or from_env(cfg.device)
     log = log if ctx.is_main else quiet
     with claimed_run_dir(out, ctx, fresh=True):
         trainer = Trainer(cfg, out, ctx=ctx)
@@ -585,6 +662,7 @@ def train(
             + (f", {plural(ctx.world_size, 'process', 'processes')}" if ctx.active else "")
             + f" -> {out}"
         )
+        log(f"device {trainer.device_line}")
         log(f"precision {trainer.precision} ({trainer.precision_reason})")
         if trainer.compiled:
             log(f"torch.compile ({trainer.compile_reason}); the first steps compile")
@@ -604,18 +682,23 @@ def resume(
     log: Callable[[str], None] = print,
     ctx: DistContext | None = None,
     threads: int | None = None,
+    device: str | None = None,
 ) -> dict[str, Any]:
     """Continue the run in ``run_dir`` from its last checkpoint (with any number of processes).
 
     ``threads`` replaces the run's torch threads (a speed setting: the results are the same),
-    for a resume that shares the machine differently than the start did."""
+    for a resume that shares the machine differently than the start did. ``device`` (auto,
+    cpu, cuda, cuda:N) moves the run: a GPU run continues on the CPU, or the other way (the
+    precision and compile choices stay the run's; the numbers then differ by rounding only)."""
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
     if threads is not None:
         cfg.threads = threads
-        cfg.validate()
+    if device is not None:
+        cfg.device = device
+    cfg.validate()
     require_loggers(cfg.log)
-    ctx = ctx or from_env()
+    ctx = ctx or from_env(cfg.device)
     log = log if ctx.is_main else quiet
     with claimed_run_dir(run_dir, ctx, fresh=False):
         state = load_checkpoint(run_dir / "checkpoint.pt")
@@ -631,7 +714,7 @@ def resume(
         where = f"after epoch {trainer.epoch}/{cfg.epochs}"
         if trainer.progress:
             where += f", step {trainer.step} ({trainer.progress.steps_done} steps into epoch {trainer.epoch + 1})"
-        log(f"resuming {run_dir} {where}")
+        log(f"resuming {run_dir} {where} on {trainer.device_line}")
         if trainer.epoch >= cfg.epochs:
             trainer.save()  # the crash may have come between the final writes
             summary = trainer.summary()
@@ -642,10 +725,14 @@ def resume(
 
 
 def evaluate_run(
-    run_dir: str | os.PathLike, data_dir: str | None = None, ema: bool = False
+    run_dir: str | os.PathLike,
+    data_dir: str | None = None,
+    ema: bool = False,
+    device: str = "auto",
 ) -> dict[str, Any]:
     """Re-evaluate the saved weights of a run on its test set (``ema``: the weight EMA's,
-    model_ema.safetensors, which runs with ``ema_decay`` write)."""
+    model_ema.safetensors, which runs with ``ema_decay`` write), on ``device`` whatever the
+    run trained on."""
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
     weights = run_dir / ("model_ema.safetensors" if ema else "model.safetensors")
@@ -656,17 +743,29 @@ def evaluate_run(
         )
     if data_dir:
         cfg.data_dir = data_dir
+    where = resolve_device(device)
+    configure_device(where)
     torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
     data = load_data(cfg)
     model = build_model(cfg, data.num_classes)
     metadata = read_weights_metadata(load_weights(weights, model))
+    model = model.to(where)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     _, test = make_loaders(cfg, data)
-    # The precision the run evaluated in (weights from before the setting: fp32).
+    test.to(where)
+    # The precision the run evaluated in (weights from before the setting: fp32). fp16 needs
+    # a GPU; on the CPU such weights are evaluated in fp32.
     precision = metadata.get("precision", "fp32")
-    result = evaluate(model, test, precision=decide_precision(precision)[0])
-    result.update(params=count_parameters(model), images=test.num_samples, precision=precision)
+    if precision == "fp16" and where.type != "cuda":
+        precision = "fp32"
+    result = evaluate(model, test, precision=decide_precision(precision, where)[0])
+    result.update(
+        params=count_parameters(model),
+        images=test.num_samples,
+        precision=precision,
+        device=str(where),
+    )
     return result
 
 

@@ -132,6 +132,11 @@ def grad_scaler(precision: str, device: Any = "cpu") -> torch.amp.GradScaler | N
 
 
 # ------------------------------------------------------------------ devices
+# On a GPU the training loop reads the loss's finiteness and the stop requests (a host
+# synchronisation, and a collective with several processes) every SYNC_EVERY steps and before
+# every checkpoint, not every step: the GPU then runs ahead of Python. A non-finite loss still
+# stops the run before any checkpoint follows it; Ctrl-C stops within SYNC_EVERY steps.
+SYNC_EVERY = 50
 DEVICE_SETTINGS = "auto, cpu, cuda or cuda:N"
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
@@ -172,13 +177,13 @@ def resolve_device(setting: Any = "auto") -> torch.device:
 def device_info(device: Any) -> dict[str, Any]:
     """What a run directory records about the device: its name, the GPU, torch and CUDA."""
     device = torch.device(device)
-    info: dict[str, Any] = {"device": str(device), "torch": torch.__version__}
+    info: dict[str, Any] = {"device": str(device), "torch": str(torch.__version__)}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         info.update(
             gpu=props.name,
             gpu_memory_gib=round(props.total_memory / 2**30, 1),
-            cuda=torch.version.cuda,
+            cuda=str(torch.version.cuda),
             cudnn=torch.backends.cudnn.version(),
         )
     return info

@@ -21,8 +21,14 @@ import torch
 from .distributed import DistContext, sum_tensor_, sum_values
 
 
-def rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": _numpy_state()}
+def rng_state(device: torch.device | str = "cpu") -> dict[str, Any]:
+    """The generators a resume restores; on a CUDA ``device`` its generator too (dropout and
+    other random ops of the model draw from it there)."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": _numpy_state()}
+    device = torch.device(device)
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
 
 
 def _numpy_state() -> dict[str, Any]:
@@ -35,8 +41,13 @@ def _numpy_state() -> dict[str, Any]:
     }
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], device: torch.device | str = "cpu") -> None:
+    """Restore ``rng_state()``. A CUDA generator state is restored where the run continues on a
+    CUDA device; on the CPU it has nothing to drive (the data's generators are CPU ones)."""
     torch.set_rng_state(state["torch"])
+    device = torch.device(device)
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
     random.setstate(_tuplify(state["python"]))
     n = state["numpy"]
     np.random.set_state(
@@ -66,11 +77,17 @@ class EpochProgress:
         if self.correct is None:
             self.correct = torch.zeros((), dtype=torch.long)
 
+    def to(self, device: torch.device | str) -> EpochProgress:
+        """Keep the running sums on the training device (no host synchronisation per step)."""
+        self.loss_sum = self.loss_sum.to(device)
+        self.correct = self.correct.to(device)
+        return self
+
     def state(self) -> dict[str, Any]:
         return {
             "steps_done": self.steps_done,
-            "loss_sum": self.loss_sum.clone(),
-            "correct": self.correct.clone(),
+            "loss_sum": self.loss_sum.detach().cpu().clone(),
+            "correct": self.correct.detach().cpu().clone(),
             "seen": self.seen,
             "loader_time": self.loader_time,
             "train_time": self.train_time,

@@ -141,8 +141,10 @@ def visualize(
     seed: int = 0,
     method: str = "gradcam",
     cam_class: str = "true",
+    device: str = "auto",
 ) -> dict[str, Any]:
-    """Write the PNGs for ``runs`` (see the module docstring) and say what was written.
+    """Write the PNGs for ``runs`` (see the module docstring) and say what was written; the
+    models run on ``device`` (auto, cpu, cuda, cuda:N), the figures are drawn on the CPU.
 
     Returns ``{"written": [paths], "skipped": [reasons], "indices": test indices shown}``.
     """
@@ -157,7 +159,9 @@ def visualize(
     if cam_class not in CAM_CLASSES:
         raise ValueError(f"--cam-class must be one of: {', '.join(CAM_CLASSES)}")
     from ..train.engine import load_run_config
+    from ..train.fastpath import resolve_device
 
+    where = resolve_device(device)
     paths = [check_run_dir(r) for r in runs]
     configs = [load_run_config(p) for p in paths]
     datasets = sorted({c.dataset for c in configs})
@@ -179,12 +183,14 @@ def visualize(
     except OSError as e:
         raise RunError(f"cannot write to --out {out}: {describe_os_error(e)}") from e
     loaded = [load_run(p, data) for p in paths]
+    for run in loaded:
+        run.model.to(where)
     _unique_labels(loaded)
 
     indices = pick_images(data, images, seed)
     pictures = data.test.images[indices]
     labels = [int(v) for v in data.test.labels[indices]]
-    x = normalise(data, pictures)
+    x = normalise(data, pictures).to(where)
     size = tuple(pictures.shape[1:3])
 
     cam_columns, map_columns, bar_rows = [], [], []

@@ -247,9 +247,11 @@ def read_attention(model: nn.Module, images: torch.Tensor) -> AttentionReadout:
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
             maps, channel = READERS[type(module)](module, args)
             for label, values in maps:
-                values = values.reshape(values.shape[0], *values.shape[-2:]).float()
+                # On the CPU whatever the model's device: the figures read them.
+                values = values.reshape(values.shape[0], *values.shape[-2:]).float().cpu()
                 readout.spatial.append(SpatialMap(name, stage, label, values))
             if channel is not None:
+                channel = channel.float().cpu()
                 readout.channel.append(ChannelWeights(name, stage, "channel weights", channel))
 
         return hook
@@ -261,11 +263,11 @@ def read_attention(model: nn.Module, images: torch.Tensor) -> AttentionReadout:
             out = model.forward_maps(images)
             net = model.backbone
             where = f"after {net.stage_names[model.split - 1]}"
-            m = out["attention_map"][:, 0].float()
+            m = out["attention_map"][:, 0].float().cpu()
             readout.spatial.append(SpatialMap("attention branch", where, "M", m))
-            readout.logits = out["logits"]
+            readout.logits = out["logits"].cpu()
         else:
-            readout.logits = model(images)
+            readout.logits = model(images).cpu()
     finally:
         for handle in handles:
             handle.remove()

@@ -104,7 +104,7 @@ def test_resume_inside_an_epoch_is_exact(tmp_path, monkeypatch, crash_after_save
 
     messages = []
     resume(run, log=messages.append)
-    assert messages[0] == f"resuming {run} after epoch 1/2, step 6 (2 steps into epoch 2)"
+    assert messages[0] == f"resuming {run} after epoch 1/2, step 6 (2 steps into epoch 2) on cpu"
     # Also shows that saving inside epochs leaves the training itself untouched.
     assert_same_run(run, reference)
     assert leftovers(run) == []
