@@ -1,5 +1,15 @@
-"""The fast training path: whether to ``torch.compile``, which precision, and what to pick
-per device.
+"""The fast training path: which device, whether to ``torch.compile``, which precision, and
+what to pick per device.
+
+Device (``TrainConfig.device``, CLI ``--device auto|cpu|cuda|cuda:N``): ``resolve_device``
+turns ``auto`` into CUDA when torch sees a GPU, else the CPU; a CUDA device that is absent is
+one clear error. ``configure_device`` sets the CUDA switches of a run: ``cudnn.benchmark`` (the
+shapes of a training run repeat, so the algorithm search pays), or with ``deterministic``
+torch's deterministic algorithms, cuDNN's deterministic mode and cuBLAS's fixed workspace.
+On CUDA the training loop also checks the loss and stop requests every ``SYNC_EVERY`` steps
+instead of every step (engine.py), so that Python never waits for the GPU. These CUDA rules
+are the standard practice, not yet measured here: no GPU has run this code so far
+(``benchmarks/gpu_check.sh`` is the check to run on one).
 
 Precision (``TrainConfig.precision``, CLI ``--precision auto|fp32|bf16``). ``auto`` is
 resolved when a run starts by ``decide_precision`` and recorded in every checkpoint; a resume
@@ -16,8 +26,10 @@ threads), bf16 step time over fp32 (docs/performance.md, "bf16 by CPU"):
 | no bf16 instructions (the first machine of docs/performance.md) | 11.5x | | | |
 
 A forced lower ``ATEN_CPU_CAPABILITY`` gives fp32 (torch's bf16 kernels need AVX-512 there).
-``fp16`` (autocast plus a gradient scaler) is for CUDA devices, which this loop does not
-drive yet; on the CPU it is refused with the reason.
+``fp16`` (autocast plus a gradient scaler, ``grad_scaler``, whose state every checkpoint
+holds) is for CUDA devices; on the CPU it is refused with the reason. On CUDA, ``auto`` is
+bf16 where ``torch.cuda.is_bf16_supported()`` (Ampere and later), else fp32: fp16 needs its
+scaler and is asked for explicitly.
 
 ``TrainConfig.compile`` is ``"auto"`` (the default), ``True`` or ``False``. ``auto`` is
 resolved when a run starts, by ``decide_compile``; every checkpoint records the choice
@@ -72,7 +84,12 @@ CPU_MACS_PER_SECOND_PER_THREAD = 2.4e10
 # What the fast path picks on each device (the TrainConfig docstring has the reasons).
 DEVICE_CHOICES: dict[str, dict[str, Any]] = {
     "cpu": {"channels_last": True, "autocast": "bfloat16 if bf16 instructions", "compile": "auto"},
-    "cuda": {"channels_last": True, "autocast": "bfloat16", "compile": "auto"},
+    "cuda": {
+        "channels_last": True,
+        "autocast": "bfloat16 if supported",
+        "compile": "off until measured on a GPU",
+        "cudnn_benchmark": "unless deterministic",
+    },
 }
 
 
