@@ -1,5 +1,10 @@
 """The other commands: ``eval``, ``profile``, ``bench``, ``reproduce``, ``report``,
-``visualize``, ``export`` and ``list``. Each only parses its arguments and calls the library."""
+``visualize``, ``export`` and ``list``. Each only parses its arguments and calls the library.
+
+``profile`` and ``bench`` measure on ``--device`` (default ``auto``: CUDA when available);
+a bad or absent device is one ``attnzoo: error:`` line (status 2), and a measurement that
+runs out of GPU memory is one line naming the case and a smaller ``--batch-size`` (status
+1, ``EXIT_OUT_OF_MEMORY``); the sweep records such points instead of stopping."""
 
 from __future__ import annotations
 
@@ -20,6 +25,35 @@ def set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
+# A measurement that ran out of GPU memory: the input was valid, the device too small for it.
+EXIT_OUT_OF_MEMORY = 1
+
+
+def measure_device(args: argparse.Namespace):
+    """``--device`` of profile and bench as a torch.device (``ValueError``, printed as one
+    line, for a bad value or a CUDA device that is not there); notes that ``--threads``
+    does not apply on CUDA."""
+    from ..measure.bench import as_device
+
+    try:
+        device = as_device(args.device)
+    except ValueError as e:
+        text = str(e)
+        raise ValueError(text if text.startswith("--device") else f"--device: {text}") from None
+    if device.type == "cuda" and args.threads is not None:
+        print(
+            f"attnzoo: note: --threads {args.threads} sets CPU threads; it does not apply to "
+            f"the measurement on {device}",
+            file=sys.stderr,
+        )
+    return device
+
+
+def out_of_memory(error: Exception) -> int:
+    print(f"attnzoo: error: {error}", file=sys.stderr)
+    return EXIT_OUT_OF_MEMORY
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from ..train import evaluate_run
 
@@ -38,9 +72,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_profile(args: argparse.Namespace) -> int:
 
     from ..measure import ModelSpec, format_profile, profile
+    from ..measure.bench import DeviceOutOfMemory
     from ..registry import check_attention
 
     set_threads(args.threads)
+    device = measure_device(args)
     attention = None if args.attention in (None, "none") else args.attention
     attention_kwargs = parse_mapping("--attention-kwargs", args.attention_kwargs) or {}
     check_attention(attention, attention_kwargs)
@@ -52,22 +88,26 @@ def cmd_profile(args: argparse.Namespace) -> int:
         args.num_classes,
     )
     spec.build()  # bad names and options fail here, before any measurement
-    result = profile(
-        spec,
-        input_size=args.input_size,
-        batch_size=args.batch_size,
-        repeats=args.repeats,
-        timing=not args.no_timing,
-        memory=not args.no_memory,
-        threads=args.threads,
-    )
+    try:
+        result = profile(
+            spec,
+            input_size=args.input_size,
+            batch_size=args.batch_size,
+            repeats=args.repeats,
+            timing=not args.no_timing,
+            memory=not args.no_memory,
+            threads=args.threads,
+            device=device,
+        )
+    except DeviceOutOfMemory as e:
+        return out_of_memory(e)
     print(json.dumps(result, indent=2, sort_keys=True) if args.json else format_profile(result))
     return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
 
-    from ..measure.bench import bench, check_modes, format_bench
+    from ..measure.bench import DeviceOutOfMemory, bench, check_modes, format_bench
     from ..measure.efficiency import efficiency, format_efficiency
     from ..measure.sweep import SWEEP_ATTENTIONS, format_sweep, plot_sweep, sweep
     from ..registry import check_attention, list_models
@@ -93,6 +133,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         warmup=args.warmup,
         model_kwargs=parse_mapping("--model-kwargs", args.model_kwargs),
+        device=measure_device(args),
     )
     if args.sweep or args.efficiency:
         if len(args.modes) != 1:
@@ -111,28 +152,32 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if args.plot:
             plot_sweep(result, args.plot)
         text = format_sweep(result)
-    elif args.efficiency:
-        result = efficiency(
-            args.model,
-            args.attentions,
-            args.modes[0],
-            args.batch_size,
-            args.input_size,
-            matmul_size=args.matmul_size,
-            **common,
-        )
-        text = format_efficiency(result)
     else:
-        result = bench(
-            args.model,
-            args.attentions,
-            args.modes,
-            batch_size=args.batch_size,
-            input_size=args.input_size,
-            timm=args.timm,
-            **common,
-        )
-        text = format_bench(result)
+        try:
+            if args.efficiency:
+                result = efficiency(
+                    args.model,
+                    args.attentions,
+                    args.modes[0],
+                    args.batch_size,
+                    args.input_size,
+                    matmul_size=args.matmul_size,
+                    **common,
+                )
+                text = format_efficiency(result)
+            else:
+                result = bench(
+                    args.model,
+                    args.attentions,
+                    args.modes,
+                    batch_size=args.batch_size,
+                    input_size=args.input_size,
+                    timm=args.timm,
+                    **common,
+                )
+                text = format_bench(result)
+        except DeviceOutOfMemory as e:
+            return out_of_memory(e)
     print(json.dumps(result, indent=2) if args.json else text)
     return 0
 

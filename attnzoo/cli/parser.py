@@ -85,6 +85,12 @@ def table_names() -> str:
     return ", ".join(list_tables())
 
 
+# --device of profile and bench (train, eval and visualize have their own).
+MEASURE_DEVICE_HELP = (
+    "where to measure: auto (default: CUDA when available, else the CPU), cpu, cuda or cuda:N"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="attnzoo", description="Attention-augmented CNNs: train, evaluate, list."
@@ -231,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--input-size", type=int, default=32, help="square input side (default 32)")
     pr.add_argument("--batch-size", type=int, default=128, help="for memory and latency")
     pr.add_argument("--repeats", type=int, default=10, help="timed steps (median)")
-    pr.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    pr.add_argument("--threads", type=int, help="torch threads (default: all cores; not on CUDA)")
+    pr.add_argument("--device", default="auto", help=MEASURE_DEVICE_HELP)
     pr.add_argument("--no-timing", action="store_true", help="skip the latency measurement")
     pr.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     pr.add_argument("--json", action="store_true", help="print JSON")
@@ -251,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch-size", type=int, default=128)
     b.add_argument("--repeats", type=int, help="timed steps per case (default 10; sweep 2)")
     b.add_argument("--warmup", type=int, help="untimed steps per case (default 2; sweep 1)")
-    b.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    b.add_argument("--threads", type=int, help="torch threads (default: all cores; not on CUDA)")
+    b.add_argument("--device", default="auto", help=MEASURE_DEVICE_HELP)
     b.add_argument("--json", action="store_true", help="print JSON")
     b.add_argument("--timm", action="store_true", help="also time timm's se/eca/cbam, same weights")
     b.add_argument("--efficiency", action="store_true", help="achieved FLOP/s vs fp32 matmul")
@@ -260,7 +268,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch-sizes", nargs="+", type=int, default=[8, 32], help="sweep batches")
     b.add_argument("--input-sizes", nargs="+", type=int, default=[32, 64, 96, 224])
     b.add_argument("--max-step-s", type=float, default=30.0, help="sweep: skip predicted-slower")
-    b.add_argument("--memory-gib", type=float, default=8.0, help="sweep: memory cap per size")
+    b.add_argument(
+        "--memory-gib",
+        type=float,
+        default=8.0,
+        help="sweep: memory cap per size (CPU; on CUDA the GPU's memory is the limit)",
+    )
     b.add_argument("--plot", metavar="PNG", help="sweep: write ratio vs H*W to this file")
 
     rp = sub.add_parser(

@@ -12,35 +12,39 @@
   default), at the same thread count, timed ``repeats`` times just before and just after
   the steps in the same process; the median of those is the reference ("peak") rate.
 - **Efficiency** = (train FLOPs per step / step time) / matmul rate.
+
+On CUDA (``device``, CLI ``--device``): the steps and the matmul run on the GPU and are
+timed with ``torch.cuda.Event`` pairs (``bench.StepTimer``; one untimed matmul first); the
+FLOPs are still counted on the CPU. The reference is torch's fp32 matmul as configured
+(``torch.backends.cuda.matmul.allow_tf32``, off by default), while cuDNN's convolutions may
+use TF32 (``torch.backends.cudnn.allow_tf32``, on by default), so on a GPU the fraction can
+exceed 100%; both settings are recorded (``settings["tf32"]``) and printed.
 """
 
 from __future__ import annotations
 
 import statistics
-import time
 from typing import Any
 
 import torch
 
 from ..registry import NO_ATTENTION, create_model
-from ..utils.machine import machine_line
-from ..utils.text import plural
-from .bench import bench
+from .bench import StepTimer, as_device, bench, machine_lines, where
 from .profile import count_flops
 
 
-def time_matmul(n: int = 2048, repeats: int = 5) -> list[float]:
-    """Seconds per fp32 ``torch.mm`` of two n x n matrices, ``repeats`` times (after one
-    untimed call)."""
+def time_matmul(n: int = 2048, repeats: int = 5, device: str | torch.device = "cpu") -> list[float]:
+    """Seconds per fp32 ``torch.mm`` of two n x n matrices on ``device``, ``repeats`` times
+    (after one untimed call)."""
+    device = torch.device(device)
     gen = torch.Generator().manual_seed(0)
     a, b = torch.randn(n, n, generator=gen), torch.randn(n, n, generator=gen)
+    a, b = a.to(device), b.to(device)
     torch.mm(a, b)
-    times = []
+    timer = StepTimer(device)
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        times.append(time.perf_counter() - t0)
-    return times
+        timer("mm", lambda: torch.mm(a, b))
+    return timer.read()["mm"]
 
 
 def train_step_flops(
@@ -71,16 +75,18 @@ def efficiency(
     warmup: int = 2,
     matmul_size: int = 2048,
     model_kwargs: dict | None = None,
+    device: str | torch.device = "cpu",
 ) -> dict[str, Any]:
     """Achieved FLOP/s of each attention's training step and its fraction of the matmul
-    rate; see the module docstring. Returns ``{"settings", "matmul", "rows"}``."""
+    rate on ``device``; see the module docstring. Returns ``{"settings", "matmul", "rows"}``."""
     if matmul_size < 1:
         raise ValueError("matmul_size must be positive")
+    device = as_device(device)
     flops = {
         a: train_step_flops(model, a, batch_size, input_size, num_classes, model_kwargs)
         for a in attentions
     }
-    before = time_matmul(matmul_size, repeats)
+    before = time_matmul(matmul_size, repeats, device)
     result = bench(
         model,
         list(attentions),
@@ -91,8 +97,9 @@ def efficiency(
         repeats=repeats,
         warmup=warmup,
         model_kwargs=model_kwargs,
+        device=device,
     )
-    after = time_matmul(matmul_size, repeats)
+    after = time_matmul(matmul_size, repeats, device)
     mm_flops = 2 * matmul_size**3
     rate = mm_flops / statistics.median(before + after)
     rows = []
@@ -109,8 +116,14 @@ def efficiency(
                 "vs_plain": r["vs_plain"],
             }
         )
+    settings = {**result["settings"], "mode": mode, "matmul_size": matmul_size}
+    if device.type == "cuda":
+        settings["tf32"] = {
+            "matmul": torch.backends.cuda.matmul.allow_tf32,
+            "cudnn": torch.backends.cudnn.allow_tf32,
+        }
     return {
-        "settings": {**result["settings"], "mode": mode, "matmul_size": matmul_size},
+        "settings": settings,
         "matmul": {
             "gflops": rate / 1e9,
             "gflops_before": mm_flops / statistics.median(before) / 1e9,
@@ -125,9 +138,9 @@ def format_efficiency(result: dict[str, Any]) -> str:
     lines = [
         f"{st['model']}, training step, batch {st['batch_size']}, "
         f"{st['input_size']}x{st['input_size']}, {st['mode']}, "
-        f"{plural(st['threads'], 'thread')}, torch {st['torch']}, median of {st['repeats']} "
+        f"{where(st)}, torch {st['torch']}, median of {st['repeats']} "
         "(round-robin)",
-        machine_line(st),
+        machine_lines(st),
         f"fp32 matmul {st['matmul_size']}x{st['matmul_size']}: {mm['gflops']:.1f} GFLOP/s "
         f"(median; {mm['gflops_before']:.1f} before the steps, {mm['gflops_after']:.1f} after)",
         "| attention | train GFLOP / step | step ms | achieved GFLOP/s | of matmul rate "
@@ -144,4 +157,9 @@ def format_efficiency(result: dict[str, Any]) -> str:
         "train FLOPs: forward + backward, torch.utils.flop_counter (conv/linear/matmul/"
         "attention products); elementwise work (BN, activations, gates, SGD) not counted."
     )
+    if st.get("tf32"):
+        lines.append(
+            f"TF32: matmul {st['tf32']['matmul']}, cuDNN convolutions {st['tf32']['cudnn']} "
+            "(TF32 convolutions against an fp32 reference can exceed 100%)."
+        )
     return "\n".join(lines)

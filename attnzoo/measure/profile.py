@@ -10,11 +10,27 @@ Counting conventions (printed with every table):
   most of an attention module's wall-clock time goes: see the latency columns.
 - **Train FLOPs**: forward + backward of one training step (backward is about 2x forward).
 - **Param MiB**: parameters x 4 bytes / 2**20, the "Memory(M)" column of the HAM tables.
-- **Peak train MiB**: the peak resident memory of one training step (forward, backward, SGD
-  with momentum) above what the process held just before it, measured in a fresh process
-  (``ru_maxrss``), so it includes activations, gradients and optimizer state.
-- **Latency**: median wall-clock time of a training step and of an inference forward pass,
-  with and without attention interleaved round-robin in the same process.
+- **Peak train MiB**: the peak memory of the first training step of a fresh model (forward,
+  backward, SGD with momentum) above what was held just before it, so it includes
+  activations, gradients and optimizer state. On the CPU: resident memory (``ru_maxrss``)
+  of a fresh process. On CUDA: ``torch.cuda.max_memory_allocated`` after
+  ``torch.cuda.reset_peak_memory_stats``, above ``torch.cuda.memory_allocated`` before the
+  step, i.e. the tensors of the caching allocator (cuDNN and cuBLAS workspaces included, the
+  CUDA context and the allocator's cached free blocks not). One step of another copy of the
+  model runs first, so that cuDNN's algorithm search (``cudnn.benchmark``) is not counted.
+  The table's last line says which of the two a figure is.
+- **Latency**: median time of a training step and of an inference forward pass, with and
+  without attention interleaved round-robin in the same process, after ``warmup`` untimed
+  calls of each. On the CPU wall-clock (``time.perf_counter``); on CUDA the GPU's time
+  between two ``torch.cuda.Event``s recorded around each call, read after
+  ``torch.cuda.synchronize`` (``bench.StepTimer``), with model and inputs on the GPU and
+  ``cudnn.benchmark`` on.
+
+Devices: ``device`` (CLI ``--device auto|cpu|cuda|cuda:N``; the library defaults to the
+CPU, the CLI to ``auto``). Parameters, MACs and FLOPs are counted on the CPU on every device
+(the count does not depend on it). On CUDA ``threads`` does not apply, and a step that runs
+out of GPU memory raises ``bench.DeviceOutOfMemory`` (one line: model, attention, batch size,
+use a smaller ``--batch-size``) after emptying the CUDA cache.
 """
 
 from __future__ import annotations
@@ -22,7 +38,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import resource
 import statistics
-import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -31,8 +47,26 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 
 from ..registry import create_model
 from ..train.loss import main_logits, training_loss
-from ..utils.machine import machine_info, machine_line
-from ..utils.text import plural
+from ..utils.machine import machine_info
+from .bench import (
+    DeviceOutOfMemory,
+    StepTimer,
+    as_device,
+    device_settings,
+    free_device_memory,
+    is_device_oom,
+    machine_lines,
+    measuring_on,
+    oom_detail,
+    sync,
+    where,
+)
+
+MEMORY_SOURCES = {
+    "cpu": "peak resident memory (ru_maxrss) of a fresh process above its usage before the step",
+    "cuda": "torch.cuda.max_memory_allocated above torch.cuda.memory_allocated before the step "
+    "(tensors of the caching allocator)",
+}
 
 
 @dataclass(frozen=True)
@@ -112,10 +146,13 @@ def count_flops(model: torch.nn.Module, x: torch.Tensor, train: bool = False) ->
     return int(counter.get_total_flops())
 
 
-def _inputs(batch: int, size: int, model: torch.nn.Module, classes: int):
+def _inputs(
+    batch: int, size: int, model: torch.nn.Module, classes: int, device: torch.device | str = "cpu"
+):
     chans = getattr(model, "in_chans", 3)
-    x = torch.randn(batch, chans, size, size).contiguous(memory_format=torch.channels_last)
-    return x, torch.randint(0, classes, (batch,))
+    x = torch.randn(batch, chans, size, size).to(device)
+    y = torch.randint(0, classes, (batch,)).to(device)
+    return x.contiguous(memory_format=torch.channels_last), y
 
 
 def _train_step(model, x, y):
@@ -166,15 +203,82 @@ def peak_train_memory_mib(
     return float(value)
 
 
+def cuda_peak_train_memory_mib(
+    spec: ModelSpec, batch: int, size: int, device: torch.device
+) -> float:
+    """Peak CUDA memory of the first training step of a fresh model above what was
+    allocated before it (``torch.cuda.max_memory_allocated``), in MiB."""
+
+    def fresh_step():
+        torch.manual_seed(0)
+        model = spec.build().to(device, memory_format=torch.channels_last).train()
+        x, y = _inputs(batch, size, model, spec.num_classes, device)
+        return _train_step(model, x, y)
+
+    # A throwaway step first: cuDNN's algorithm search tries workspaces that training does
+    # not keep, and the search result is cached for the measured model's identical shapes.
+    fresh_step()()
+    free_device_memory()
+    step = fresh_step()
+    sync(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step()
+    sync(device)
+    return max(torch.cuda.max_memory_allocated(device) - before, 0) / 2**20
+
+
+def _on_device(
+    measure: Callable[[], Any],
+    which: Callable[[], ModelSpec],
+    batch: int,
+    size: int,
+    device: torch.device,
+) -> Any:
+    """``measure()``, with a GPU out-of-memory error turned into ``DeviceOutOfMemory`` for
+    the spec ``which()`` names, after the CUDA cache is emptied."""
+    try:
+        return measure()
+    except RuntimeError as e:
+        if not is_device_oom(e):
+            raise
+        s = which()
+        oom = DeviceOutOfMemory(s.model, s.attention, batch, size, device, oom_detail(e))
+    # Here the failed call's frames (and the tensors they held) are gone with the exception.
+    free_device_memory()
+    raise oom
+
+
 def time_models(
-    specs: list[ModelSpec], batch: int, size: int, repeats: int = 10, warmup: int = 2
+    specs: list[ModelSpec],
+    batch: int,
+    size: int,
+    repeats: int = 10,
+    warmup: int = 2,
+    device: torch.device | str = "cpu",
 ) -> list[dict[str, float]]:
-    """Median train-step and inference latency (ms) per spec, measured round-robin."""
+    """Median train-step and inference latency (ms) per spec, measured round-robin on
+    ``device`` (``bench.StepTimer``: wall-clock on the CPU, CUDA events on a GPU)."""
+    device = torch.device(device)
+    current = [specs[0]]
+    return _on_device(
+        lambda: _time_models(specs, batch, size, repeats, warmup, device, current),
+        lambda: current[0],
+        batch,
+        size,
+        device,
+    )
+
+
+def _time_models(specs, batch, size, repeats, warmup, device, current) -> list[dict[str, float]]:
+    if device.type == "cuda":
+        warmup = max(warmup, 1)  # the first step holds cuDNN's algorithm search
     runs = []
     for spec in specs:
+        current[0] = spec
         torch.manual_seed(0)
-        model = spec.build().to(memory_format=torch.channels_last)
-        x, y = _inputs(batch, size, model, spec.num_classes)
+        model = spec.build().to(device, memory_format=torch.channels_last)
+        x, y = _inputs(batch, size, model, spec.num_classes, device)
         train = _train_step(model, x, y)
 
         def infer(model=model, x=x) -> None:
@@ -184,23 +288,24 @@ def time_models(
             model.train()
 
         runs.append((train, infer))
-    for train, infer in runs:
+    for spec, (train, infer) in zip(specs, runs, strict=True):
+        current[0] = spec
         for _ in range(warmup):
             train()
             infer()
-    times: list[dict[str, list[float]]] = [{"train": [], "infer": []} for _ in runs]
+    timer = StepTimer(device)
     for _ in range(repeats):
-        for (train, infer), t in zip(runs, times, strict=True):
+        for i, (train, infer) in enumerate(runs):
+            current[0] = specs[i]
             for key, fn in (("train", train), ("infer", infer)):
-                t0 = time.perf_counter()
-                fn()
-                t[key].append(time.perf_counter() - t0)
+                timer((i, key), fn)
+    times = timer.read()
     return [
         {
-            "train_ms": 1000 * statistics.median(t["train"]),
-            "infer_ms": 1000 * statistics.median(t["infer"]),
+            "train_ms": 1000 * statistics.median(times[(i, "train")]),
+            "infer_ms": 1000 * statistics.median(times[(i, "infer")]),
         }
-        for t in times
+        for i in range(len(runs))
     ]
 
 
@@ -213,15 +318,20 @@ def profile(
     memory: bool = True,
     baseline: bool = True,
     threads: int | None = None,
+    device: str | torch.device = "cpu",
+    warmup: int = 2,
 ) -> dict[str, Any]:
-    """Profile ``spec`` (and, with ``baseline``, the same model without attention).
+    """Profile ``spec`` (and, with ``baseline``, the same model without attention); memory
+    and latency on ``device``, the counts on the CPU (see the module docstring).
 
     Returns ``{"settings": ..., "rows": [row, ...], "ratios": {...}}``; each row has params,
     param_mib, macs, flops (forward, batch 1), train_flops (per image), and when asked
-    peak_train_mib, train_ms and infer_ms at ``batch_size``.
+    peak_train_mib, train_ms and infer_ms at ``batch_size``. Raises ``DeviceOutOfMemory``
+    when a CUDA step does not fit.
     """
-    if input_size < 1 or batch_size < 1 or repeats < 1:
+    if input_size < 1 or batch_size < 1 or repeats < 1 or warmup < 0:
         raise ValueError("input_size, batch_size and repeats must be positive")
+    device = as_device(device)
     specs = [spec.plain(), spec] if baseline and spec.attention else [spec]
     rows = []
     for s in specs:
@@ -242,12 +352,25 @@ def profile(
                 "train_flops": train_flops,
             }
         )
-    if memory:
-        for s, row in zip(specs, rows, strict=True):
-            row["peak_train_mib"] = peak_train_memory_mib(s, batch_size, input_size, threads)
-    if timing:
-        for row, t in zip(rows, time_models(specs, batch_size, input_size, repeats), strict=True):
-            row.update(t)
+    with measuring_on(device):
+        if memory:
+            for s, row in zip(specs, rows, strict=True):
+                if device.type == "cuda":
+                    row["peak_train_mib"] = _on_device(
+                        lambda s=s: cuda_peak_train_memory_mib(s, batch_size, input_size, device),
+                        lambda s=s: s,
+                        batch_size,
+                        input_size,
+                        device,
+                    )
+                else:
+                    row["peak_train_mib"] = peak_train_memory_mib(
+                        s, batch_size, input_size, threads
+                    )
+        if timing:
+            times = time_models(specs, batch_size, input_size, repeats, warmup, device)
+            for row, t in zip(rows, times, strict=True):
+                row.update(t)
     ratios = {}
     if len(rows) == 2:
         base, att = rows
@@ -263,6 +386,8 @@ def profile(
             "threads": threads or torch.get_num_threads(),
             "torch": torch.__version__,
             "machine": machine_info(),
+            **device_settings(device),
+            **({"memory_source": MEMORY_SOURCES[device.type]} if memory else {}),
         },
         "rows": rows,
         "ratios": ratios,
@@ -288,8 +413,8 @@ def format_profile(result: dict[str, Any]) -> str:
     lines = [
         f"{rows[0]['model']}, input {st['input_size']}x{st['input_size']}, "
         f"batch {st['batch_size']} for memory and latency (median of {st['repeats']}), "
-        f"{plural(st['threads'], 'thread')}, torch {st['torch']}",
-        machine_line(st),
+        f"{where(st)}, torch {st['torch']}",
+        machine_lines(st),
         "| " + " | ".join(c[0] for c in cols) + " |",
         "| " + " | ".join("---" for _ in cols) + " |",
     ]
@@ -305,4 +430,6 @@ def format_profile(result: dict[str, Any]) -> str:
         "MACs: multiply-accumulates of conv/linear/matmul/attention products (the papers' "
         "'FLOPs'); FLOPs = 2 x MACs (torch.utils.flop_counter); elementwise ops not counted."
     )
+    if st.get("memory_source"):
+        lines.append(f"peak train MiB on {st.get('device', 'cpu')}: {st['memory_source']}.")
     return "\n".join(lines)

@@ -27,6 +27,14 @@ how the same function is computed, which is what the timing compares: timm reduc
 ``amax`` (ours: ``adaptive_max_pool2d`` / ``max``, cheaper backward), runs CBAM's MLP twice
 (ours: once on the two descriptors stacked), and feeds the 7x7 conv whatever layout the
 concatenation gives (ours: channels_last).
+
+Devices: ``bench --timm --device cuda`` builds and checks the swapped network on the CPU,
+in fp32, then moves it to the GPU and times it with ours in the same round-robin and the
+same CUDA-event timing (``bench.py``). The check stays on the CPU because on CUDA cuDNN's
+convolutions may run in TF32 (``torch.backends.cudnn.allow_tf32``, on by default), whose
+rounding would swamp a 1e-5 comparison; the layers compute the same function on either
+device. ``compare`` and ``swap_in_timm`` also accept modules already on a GPU (inputs and
+output gradients follow the module's device), under that caveat.
 """
 
 from __future__ import annotations
@@ -157,7 +165,8 @@ def compare(
         xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
         ya, yb = a(xa), b(xb)
         if grad_out is None:
-            grad_out = torch.randn(ya.shape, generator=torch.Generator().manual_seed(7))
+            gen = torch.Generator().manual_seed(7)
+            grad_out = torch.randn(ya.shape, generator=gen).to(ya.device)
         ya.backward(grad_out)
         yb.backward(grad_out)
         diffs = {
@@ -205,6 +214,10 @@ def check_module(
     return compare(ours, theirs, x, names)
 
 
+def _device_of(module: nn.Module) -> torch.device:
+    return next(iter(module.parameters()), torch.empty(0)).device
+
+
 def swap_in_timm(
     model: nn.Module, attention: str, input_size: int = 32, check: bool = True
 ) -> tuple[nn.Module, dict[str, float]]:
@@ -227,7 +240,7 @@ def swap_in_timm(
     for parent in list(swapped.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is cls:
-                setattr(parent, name, timm_equivalent(child))
+                setattr(parent, name, timm_equivalent(child).to(_device_of(child)))
                 replaced.append(child)
     if not replaced:
         raise ValueError(f"the model has no {attention!r} module to replace")
@@ -241,11 +254,10 @@ def swap_in_timm(
         # hide differences: compare a randomised copy of ours with its timm conversion.
         rand = randomize_(copy.deepcopy(ours))
         theirs, names = _convert(rand)
-        diffs.append(
-            compare(rand, theirs, torch.randn(4, ours.channels, 9, 7, generator=gen), names)
-        )
+        x = torch.randn(4, ours.channels, 9, 7, generator=gen).to(_device_of(ours))
+        diffs.append(compare(rand, theirs.to(_device_of(ours)), x, names))
     chans = getattr(model, "in_chans", 3)
-    x = torch.randn(4, chans, input_size, input_size, generator=gen)
+    x = torch.randn(4, chans, input_size, input_size, generator=gen).to(_device_of(model))
     diffs.append(compare(model, swapped, x))
     report["output_max_abs_diff"] = max(d["output"] for d in diffs)
     report["grad_max_abs_diff"] = max(max(d["input_grad"], d["param_grad"]) for d in diffs)

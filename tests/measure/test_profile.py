@@ -1,8 +1,10 @@
 """attnzoo.measure.profile and `attnzoo profile`: the counts against hand computation and the
-structure of the output (never the timings themselves)."""
+structure of the output (never the timings themselves); out-of-memory handling on the CPU (a
+stand-in error) and, where a GPU is present, memory and latency on CUDA."""
 
 from __future__ import annotations
 
+import importlib
 import json
 
 import pytest
@@ -11,6 +13,9 @@ from torch import nn
 
 from attnzoo.cli import main
 from attnzoo.measure import ModelSpec, count_flops, count_params, format_profile, profile
+
+# The module (``attnzoo.measure.profile`` is the function of the same name).
+profile_module = importlib.import_module("attnzoo.measure.profile")
 
 
 def test_flops_of_a_conv_and_a_linear_by_hand():
@@ -63,6 +68,8 @@ def test_profile_rows_and_ratios():
 def test_peak_memory_is_measured_in_a_fresh_process():
     result = profile(ModelSpec("resnet20"), input_size=16, batch_size=8, timing=False)
     assert result["rows"][0]["peak_train_mib"] >= 0
+    assert "ru_maxrss" in result["settings"]["memory_source"]
+    assert "peak train MiB on cpu: peak resident memory (ru_maxrss)" in format_profile(result)
 
 
 def test_model_level_attention_profiles():
@@ -121,3 +128,53 @@ def test_cpu_attention_kernel_is_counted():
     csm = profile(ModelSpec("resnet20", "csm"), timing=False, memory=False)["rows"]
     # Stage 1 alone: 3 blocks x 2 products x (32*32)^2 positions x 16 channels.
     assert csm[1]["macs"] - csm[0]["macs"] > 3 * 2 * 1024**2 * 16
+
+
+def test_out_of_memory_is_one_line_naming_the_attention(monkeypatch, capsys):
+    """A CUDA out-of-memory error in the timed steps of the attention model (a stand-in,
+    raised on the CPU) is one line naming it, the batch size and the fix."""
+    real_train_step = profile_module._train_step
+
+    def train_step(model, x, y):
+        step = real_train_step(model, x, y)
+        if count_params(model) == 269_722:  # the plain resnet20 runs as usual
+            return step
+
+        def out_of_memory() -> None:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.50 GiB")
+
+        return out_of_memory
+
+    monkeypatch.setattr(profile_module, "_train_step", train_step)
+    argv = ["profile", "--model", "resnet20", "--attention", "se", "--no-memory"]
+    argv += ["--batch-size", "4", "--input-size", "8", "--repeats", "1", "--device", "cpu"]
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1
+    assert "out of memory on cpu: resnet20 with attention se at batch size 4" in captured.err
+    assert "(tried to allocate 1.50 GiB); try a smaller --batch-size" in captured.err
+    assert "Traceback" not in captured.err
+
+
+def test_profile_on_each_device(device):
+    cuda = device.type == "cuda"
+    result = profile(
+        ModelSpec("resnet20", "se"),
+        input_size=8,
+        batch_size=4,
+        repeats=2,
+        memory=cuda,  # the CPU's fresh-process measurement has its own test
+        device=device,
+    )
+    st = result["settings"]
+    assert torch.device(st["device"]).type == device.type
+    for row in result["rows"]:
+        assert row["train_ms"] > 0 and row["infer_ms"] > 0
+    text = format_profile(result)
+    if cuda:
+        assert all(row["peak_train_mib"] > 0 for row in result["rows"])
+        assert "max_memory_allocated" in st["memory_source"]
+        assert f"peak train MiB on {st['device']}: torch.cuda.max_memory_allocated" in text
+        assert "\nGPU: " in text and "(CUDA events)" in text
+    else:
+        assert "GPU:" not in text and "memory_source" not in st

@@ -1,12 +1,15 @@
 """attnzoo bench --sweep: the grid's rows, the skip and memory guards, the table and the
-plot (never the timings themselves)."""
+plot (never the timings themselves); a CUDA out-of-memory point (a stand-in error on the
+CPU) and, where a GPU is present, the sweep on CUDA."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
+import torch
 
+import attnzoo.measure.sweep as sweep_module
 from attnzoo.cli import main
 from attnzoo.measure.sweep import format_sweep, plot_sweep, predict_step_s, sweep
 
@@ -115,3 +118,77 @@ def test_cli_sweep_errors(argv, message, capsys):
     assert main(base + ["--repeats", "1", "--warmup", "0"] + argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_cuda_out_of_memory_point_is_marked_and_the_sweep_goes_on(monkeypatch, tmp_path):
+    """csm's timed step at (batch 2, 16x16) raises CUDA's out-of-memory error (a stand-in,
+    on the CPU): that point reads "out of memory", the cache is emptied, the points that need
+    at least as much memory (batch 3 at 16x16) are skipped, every other point is measured."""
+    real_make_step = sweep_module.make_step
+    freed: list[str] = []
+
+    def make_step(model, attention, mode, batch, size, *args, **kwargs):
+        step, params = real_make_step(model, attention, mode, batch, size, *args, **kwargs)
+        if (attention, batch, size) != ("csm", 2, 16):
+            return step, params
+        calls = []
+
+        def out_of_memory_when_timed() -> None:
+            calls.append(1)
+            if len(calls) > 1:  # the warm-up step passes, the first timed one fails
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 4 GiB")
+            step()
+
+        return out_of_memory_when_timed, params
+
+    monkeypatch.setattr(sweep_module, "make_step", make_step)
+    monkeypatch.setattr(sweep_module, "free_device_memory", lambda: freed.append("freed"))
+    result = sweep(
+        "resnet20",
+        ["se", "csm"],
+        batch_sizes=[2, 3],
+        input_sizes=[8, 16],
+        repeats=1,
+        warmup=0,
+        max_step_s=None,
+        isolate=False,
+    )
+    row = {(r["batch_size"], r["input_size"], r["attention"]): r for r in result["rows"]}
+    assert row[(2, 16, "csm")]["status"] == "out of memory"
+    assert "OutOfMemoryError: CUDA out of memory" in row[(2, 16, "csm")]["message"]
+    assert row[(2, 16, "csm")]["step_ms"] is None and freed == ["freed"]
+    assert row[(3, 16, "csm")]["status"] == "skipped"
+    assert row[(3, 16, "csm")]["message"] == "out of memory at batch 2, 16x16"
+    for key in [(b, s, a) for b in (2, 3) for s in (8, 16) for a in ("none", "se", "csm")]:
+        if key not in ((2, 16, "csm"), (3, 16, "csm")):
+            assert row[key]["status"] == "ok" and row[key]["step_ms"] > 0, key
+    assert json.loads(json.dumps(result))["rows"] == result["rows"]
+    text = format_sweep(result)
+    assert "| csm | " in text and " | out of memory |" in text
+    assert "skipped (out of memory at batch 2, 16x16)" in text
+    assert "out of memory: the step did not fit in this machine's memory" in text
+    plot_sweep(result, str(tmp_path / "oom.png"))  # the point is a cross on the plot
+    assert (tmp_path / "oom.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_sweep_on_each_device(device):
+    result = sweep(
+        "resnet20",
+        ["eca"],
+        [2],
+        [8],
+        repeats=2,
+        warmup=0,
+        max_step_s=None,
+        isolate=False,
+        device=device,
+    )
+    assert [(r["attention"], r["status"]) for r in result["rows"]] == [
+        ("none", "ok"),
+        ("eca", "ok"),
+    ]
+    st = result["settings"]
+    assert torch.device(st["device"]).type == device.type
+    if device.type == "cuda":
+        assert st["memory_gib"] is None  # the GPU's memory is the limit
+        assert "\nGPU: " in format_sweep(result)

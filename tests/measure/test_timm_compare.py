@@ -101,3 +101,26 @@ def test_bench_timm_rows_and_ratio():
     text = format_bench(result)
     assert "| ours / timm |" in text and "| se (timm) | channels_last |" in text
     assert text.count("\n| ") == 2 + 4 and "se: 9 modules, outputs " in text
+
+
+def test_bench_timm_on_each_device(device):
+    result = bench(
+        "resnet20",
+        ["none", "eca"],
+        ["channels_last"],
+        batch_size=2,
+        input_size=8,
+        repeats=2,
+        warmup=0,
+        timm=True,
+        device=device,
+    )
+    assert [(r["attention"], r["impl"]) for r in result["rows"]] == [
+        ("none", "ours"),
+        ("eca", "ours"),
+        ("eca", "timm"),
+    ]
+    ours, theirs = result["rows"][1:]
+    assert theirs["ours_over_timm"] == pytest.approx(ours["step_ms"] / theirs["step_ms"])
+    assert result["timm_check"]["eca"]["output_max_abs_diff"] < TOLERANCE  # checked on the CPU
+    assert torch.device(result["settings"]["device"]).type == device.type
