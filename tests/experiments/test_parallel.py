@@ -125,3 +125,23 @@ def test_ctrl_c_stops_every_cell_at_a_checkpoint_and_the_command_finishes_them(t
     again = subprocess.run(argv, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr
     assert set(statuses(out).values()) == {"finished"}
+
+
+def test_devices_spread_the_running_cells(tiny_table):
+    # Two jobs over two (CPU) devices: each cell is placed on the least loaded one and trains
+    # there; the configs record the device given.
+    out = tiny_table / "devices"
+    lines: list[str] = []
+    reproduce("tiny", out=out, log=lines.append, jobs=2, devices="cpu,cpu",
+              **{**OPTIONS, "seeds": 1})  # fmt: skip
+    started = [line for line in lines if "] training ->" in line]
+    assert len(started) == 2 and all(line.split(" (")[0].endswith(" on cpu") for line in started)
+    for cell in ("resnet20/seed0", "resnet20-se/seed0"):
+        config = yaml.safe_load((out / "tiny" / cell / "config.yaml").read_text())
+        assert config["device"] == "cpu"
+
+
+def test_several_devices_need_several_jobs(tiny_table):
+    with pytest.raises(ValueError, match="add --jobs 2"):
+        reproduce("tiny", out=tiny_table / "x", log=lambda m: None, devices="cuda:0,cuda:1",
+                  **OPTIONS)  # fmt: skip
