@@ -57,7 +57,7 @@ def out_of_memory(error: Exception) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from ..train import evaluate_run
 
-    result = evaluate_run(args.run, args.data_dir, ema=args.ema)
+    result = evaluate_run(args.run, args.data_dir, ema=args.ema, device=args.device)
     if args.json:
         print(json.dumps(result, indent=2, sort_keys=True))
     else:
@@ -224,6 +224,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
             jobs=args.jobs,
             launcher=args.launcher,
             slurm=slurm_options(args),
+            devices=args.devices,
         )
     except Interrupted as e:
         print(f"attnzoo: {e}; run the same reproduce command again to continue", file=sys.stderr)
@@ -264,6 +265,7 @@ def cmd_visualize(args: argparse.Namespace) -> int:
         seed=args.seed,
         method=args.method,
         cam_class=args.cam_class,
+        device=args.device,
     )
     for reason in result["skipped"]:
         print(f"skipped {reason}")

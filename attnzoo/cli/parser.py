@@ -10,6 +10,7 @@ from ..train.fastpath import PRECISIONS
 
 EXIT_USAGE = 2
 COMPILE_FLAGS = {"auto": "auto", "on": True, "off": False}  # --compile -> TrainConfig.compile
+DEVICE_HELP = "auto (default: CUDA when available, else the CPU), cpu, cuda or cuda:N"
 
 
 def parse_mapping(option: str, text: str | None) -> dict | None:
@@ -179,8 +180,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--precision",
         choices=PRECISIONS,
-        help="autocast of the forward pass: auto (default: bf16 where the CPU has bf16 "
-        "instructions, else fp32), fp32, bf16, fp16 (CUDA only)",
+        help="autocast of the forward pass: auto (default: bf16 on GPUs that support it and "
+        "on CPUs with bf16 instructions, else fp32), fp32, bf16, fp16 (CUDA only: with a "
+        "gradient scaler)",
+    )
+    t.add_argument(
+        "--device",
+        help=f"{DEVICE_HELP}; with --resume, continue the run there",
+    )
+    t.add_argument(
+        "--deterministic",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="CUDA: bitwise repeatable kernels (no cudnn.benchmark), at some speed",
     )
     t.add_argument(
         "--log",
@@ -224,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--ema", action="store_true", help="the weight EMA's weights (runs with ema_decay)"
     )
+    e.add_argument("--device", default="auto", help=DEVICE_HELP)
 
     pr = sub.add_parser(
         "profile",
@@ -306,6 +319,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="run K cells (row x seed) at a time, each in its own process (default 1)",
     )
     rp.add_argument(
+        "--devices",
+        metavar="LIST",
+        help="where the cells train: one device for all (auto, cpu, cuda, cuda:N), or a "
+        "comma-separated list the --jobs are spread over in turn, e.g. cuda:0,cuda:1 "
+        "(default auto)",
+    )
+    rp.add_argument(
         "--launcher",
         choices=["slurm", "local"],
         help="submit every cell as a job through submitit: slurm (a job array; returns at once) "
@@ -349,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--cam-class", default="true", help="class Grad-CAM explains: true (default) or predicted"
     )
     vz.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    vz.add_argument("--device", default="auto", help=DEVICE_HELP)
 
     ex = sub.add_parser(
         "export",
