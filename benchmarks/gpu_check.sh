@@ -123,20 +123,16 @@ def bench_table(name):
     except (OSError, ValueError) as e:
         print(f"\n{name}: no result ({e})")
         return
-    rows = result.get("rows", result if isinstance(result, list) else [])
-    print(f"\n## {name}\n")
-    print("| attention | mode | step ms | vs plain | peak MiB |")
-    print("| --- | --- | --- | --- | --- |")
-    plain = {r.get("mode"): r.get("step_ms") for r in rows if r.get("attention") in (None, "none")}
-    for r in rows:
-        ms = r.get("step_ms")
-        base = plain.get(r.get("mode"))
-        ratio = f"{ms / base:.2f}x" if ms and base else ""
-        mem = r.get("peak_mib") or r.get("peak_memory_mib") or ""
-        print(f"| {r.get('attention') or 'none'} | {r.get('mode')} | {ms} | {ratio} | {mem} |")
-    for key in ("timm", "timm_rows"):
-        if key in result:
-            print(f"\ntimm: {json.dumps(result[key])[:2000]}")
+    print(f"\n## {name} ({result['settings'].get('device')}, {result['settings'].get('timing')})\n")
+    print("| attention | impl | mode | step ms | img/s | vs plain | ours / timm |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for r in result["rows"]:
+        timm = r.get("ours_over_timm")
+        print(
+            f"| {r['attention']} | {r.get('impl', 'ours')} | {r['mode']} | {r['step_ms']:.2f} | "
+            f"{r['images_per_s']:.0f} | {r['vs_plain']:.3f}x | "
+            f"{'' if timm is None else f'{timm:.3f}x'} |"
+        )
 
 
 bench_table("bench_resnet56.json")
