@@ -235,6 +235,31 @@ def test_the_loader_makes_the_same_batches_on_the_device(device):
     assert torch.equal(sa["order"], sb["order"]) and sb["order"].device.type == "cpu"
 
 
+@pytest.mark.parametrize("augment", ["none", "erasing", "trivialaugment"])
+def test_every_batch_tensor_is_made_on_the_loaders_device(augment):
+    """On the meta device (no data, but any tensor made on the CPU by mistake would clash with
+    it): the loader's GPU path (packed index uploads, crops, flips, the per-image policies and
+    random erasing) runs without a GPU, and every batch comes out on the device."""
+    from attnzoo.data.augment import build_augment
+
+    images = np.random.default_rng(0).integers(0, 256, (40, 6, 6, 3), dtype=np.uint8)
+    loader = InMemoryLoader(
+        images, np.arange(40), 8, mean=(0.5,) * 3, std=(0.25,) * 3, train=True, pad=2,
+        flip=True, seed=7, channels_last=True,
+    ).to("meta")  # fmt: skip
+    if augment == "erasing":
+        loader.set_augment(build_augment(random_erasing=0.5))
+    elif augment == "trivialaugment":
+        loader.set_augment(build_augment("trivialaugment"))
+    batches = list(loader)
+    assert len(batches) == 5
+    for x, y in batches:
+        assert x.device.type == "meta" and y.device.type == "meta"
+        assert x.shape == (8, 3, 6, 6) and x.dtype == torch.float32
+        assert x.is_contiguous(memory_format=torch.channels_last)
+    assert loader.state_dict()["position"] == 0  # the epoch's state stays on the CPU
+
+
 # ------------------------------------------------------------------ GPU only
 
 
