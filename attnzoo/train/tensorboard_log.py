@@ -108,7 +108,7 @@ def model_figures(
     indices = pick_images(data, min(count, len(data.test.labels)), seed)
     pictures = data.test.images[indices]
     labels = [int(v) for v in data.test.labels[indices]]
-    x = normalise(data, pictures)
+    x = normalise(data, pictures).to(next(model.parameters()).device)
     size = tuple(pictures.shape[1:3])
     names = getattr(data, "classes", None)
     figures: dict[str, Any] = {}
