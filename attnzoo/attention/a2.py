@@ -27,8 +27,9 @@ marked "unchecked" may be settled there):
   logit of a softmax over positions, which ignores it: its gradient is zero.
 - conv_out starts with PyTorch's default init, so the block does not start as the identity
   (unchecked).
-- The two softmaxes run in float32 (at least) whatever the input's dtype; the products run
-  in the input's (or autocast's) dtype.
+- The two softmaxes and their logits (conv_B, conv_V) run in float32 (at least) with
+  autocast off (``layers.conv_softmax``), whatever the input's dtype; the products run in
+  the input's (or autocast's) dtype.
 - Differences in a popular third-party version (xmu-xiaoma666/External-Attention-pytorch,
   ``A2Atttention.py``): it normalises the gathering maps B over the c_n channels instead of
   over the positions, and returns conv_out(Z) without the residual addition. We follow the
@@ -50,7 +51,7 @@ import torch
 from torch import nn
 
 from ..registry import register_attention
-from .layers import check_input, softmax_float32
+from .layers import check_input, conv_softmax
 
 
 def _check_reduction(name: str, value: object) -> None:
@@ -83,8 +84,9 @@ class DoubleAttention(nn.Module):
         """Z, shape (N, c_m, H, W)."""
         n, _, h, w = x.shape
         features = self.feature_conv(x).flatten(2)  # A (N, c_m, HW)
-        gather_maps = softmax_float32(self.gather_conv(x).flatten(2), dim=2)  # (N, c_n, HW)
-        vectors = softmax_float32(self.distribute_conv(x).flatten(2), dim=1)  # (N, c_n, HW)
+        dtype = features.dtype
+        gather_maps = conv_softmax(self.gather_conv, x, dim=2).to(dtype)  # (N, c_n, HW)
+        vectors = conv_softmax(self.distribute_conv, x, dim=1).to(dtype)  # (N, c_n, HW)
         descriptors = torch.bmm(features, gather_maps.transpose(1, 2))  # G (N, c_m, c_n)
         return torch.bmm(descriptors, vectors).view(n, -1, h, w)
 

@@ -51,6 +51,8 @@ Defaults and choices, where ours differ from the paper or from the official code
   paper's form the diagonal ||A_j||^2 often dominates the row when N is large, so X tends to
   the identity.
 - gamma and beta are 0-dim parameters (the code uses shape (1,)); the count is the same.
+- Mixed precision: the energies (Q^T K, A A^T) and their softmax run in float32 with
+  autocast off (``layers.in_float32``), since fp16 energies overflow past 65504.
 """
 
 from __future__ import annotations
@@ -61,14 +63,24 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..registry import register_attention
-from .layers import check_input, reduced_channels
+from .layers import check_input, in_float32, reduced_channels
 
 
 def position_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """D S^T with S = softmax(Q^T K) over the key axis, without a 1/sqrt(d) scale.
 
-    ``query``, ``key``: (N, C', H, W); ``value``: (N, C, H, W); returns (N, C, H, W).
+    ``query``, ``key``: (N, C', H, W); ``value``: (N, C, H, W); returns (N, C, H, W) in
+    ``value``'s dtype. The energies and the softmax run in float32 (``in_float32``), and
+    with them the weighted sum of D (one fused kernel); a convex combination of D's columns
+    is within D's range, so the cast back to D's dtype cannot overflow.
     """
+    return _position_attention(query, key, value).to(value.dtype)
+
+
+@in_float32
+def _position_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+) -> torch.Tensor:
     n, c, h, w = value.shape
 
     def tokens(t: torch.Tensor) -> torch.Tensor:
@@ -124,6 +136,18 @@ class PositionAttention(nn.Module):
 CAM_ENERGIES = ("paper", "code")
 
 
+@in_float32
+def channel_weights(a: torch.Tensor, code_energy: bool = False) -> torch.Tensor:
+    """X = softmax(A A^T) row-wise for A (N, C, HW), or softmax(max_row(A A^T) - A A^T) with
+    ``code_energy``; (N, C, C) in float32 at least (``in_float32``: A A^T sums HW squares,
+    which overflow fp16 for entries of A above ~ sqrt(65504 / HW))."""
+    energy = torch.bmm(a, a.transpose(1, 2))  # (N, C, C)
+    if code_energy:
+        # max - energy: the row's shift cancels in the softmax, so this is softmax(-A A^T)
+        energy = energy.amax(dim=-1, keepdim=True) - energy
+    return torch.softmax(energy, dim=-1)
+
+
 @register_attention("danet_cam")
 class ChannelAttention(nn.Module):
     """E = beta (X A) + A, X = softmax(A A^T) row-wise (DANet Eqs. 3-4, ``energy="paper"``)
@@ -140,12 +164,8 @@ class ChannelAttention(nn.Module):
     def aggregate(self, x: torch.Tensor) -> torch.Tensor:
         """X A, the attention path before the beta scale, shape (N, C, H, W)."""
         a = x.flatten(2)  # (N, C, HW)
-        energy = torch.bmm(a, a.transpose(1, 2))  # (N, C, C)
-        if self.energy == "code":
-            # max - energy: the row's shift cancels in the softmax, so this is softmax(-A A^T)
-            energy = energy.amax(dim=-1, keepdim=True) - energy
-        weights = torch.softmax(energy, dim=-1)
-        return torch.bmm(weights, a).view(x.shape)
+        weights = channel_weights(a, self.energy == "code")
+        return torch.bmm(weights.to(a.dtype), a).view(x.shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.channels, "danet_cam")

@@ -30,6 +30,9 @@ Choices, with the official code:
   ``GroupNorm(c, c)``). Consequence kept from the code: the spatial mean of X1_k is exactly
   GN's shift beta_k, so p1 = softmax(beta) whatever the input.
 - On a 1 x 1 map GN returns its shift (one value per channel), so X1 = beta there.
+- Mixed precision: the channel means (the energies) and both softmaxes run in float32 with
+  autocast off (``channel_softmax``, as ``layers.in_float32``); the cross products run in the
+  maps' (autocast) dtype.
 - Placement: in every residual block, where SE and coordinate attention go (the official
   README compares EMA with CA and NAM at the same positions).
 """
@@ -40,7 +43,16 @@ import torch
 from torch import nn
 
 from ..registry import register_attention
-from .layers import check_input, largest_divisor_at_most
+from .layers import autocast_off, check_input, largest_divisor_at_most
+
+
+def channel_softmax(t: torch.Tensor) -> torch.Tensor:
+    """softmax over the c channels of t's spatial means, (N G, c) from (N G, c, H, W), in
+    float32 at least: the means accumulate into float32 and the softmax runs with autocast
+    off (as ``layers.in_float32``, without a float32 copy of the whole map)."""
+    dtype = torch.promote_types(t.dtype, torch.float32)
+    with autocast_off(t.device.type):
+        return torch.softmax(t.mean(dim=(2, 3), dtype=dtype), dim=1)
 
 
 @register_attention("ema")
@@ -64,8 +76,8 @@ class EfficientMultiScaleAttention(nn.Module):
         a_h, a_w = self.conv1x1(torch.cat([z_h, z_w], dim=2)).split([h, w], dim=2)
         x1 = self.gn(grouped * torch.sigmoid(a_h) * torch.sigmoid(a_w).transpose(2, 3))
         x3 = self.conv3x3(grouped)
-        p1 = torch.softmax(x1.mean(dim=(2, 3)), dim=1)  # (NG, c)
-        p3 = torch.softmax(x3.mean(dim=(2, 3)), dim=1)
+        p1 = channel_softmax(x1).to(x3.dtype)  # (NG, c)
+        p3 = channel_softmax(x3).to(x1.dtype)
         cross = torch.einsum("bk,bkhw->bhw", p1, x3) + torch.einsum("bk,bkhw->bhw", p3, x1)
         return cross.unsqueeze(1)
 

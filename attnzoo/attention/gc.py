@@ -32,8 +32,9 @@ Choices, with the official code:
   block starts as the identity, with "mul" as x / 2. W_k starts with PyTorch's default init
   (the code uses Kaiming fan-in); the other layers too.
 - The LayerNorm has an affine scale and shift over its C/r values, as in the code.
-- The softmax runs in float32 (at least) whatever the input's dtype (under bf16 autocast
-  too); its weights are then cast to the input's dtype for the pooling.
+- The logits W_k x (the energies) and the softmax run in float32 (at least) with autocast off
+  (``layers.conv_softmax``), whatever the input's dtype; the weights are then cast to the
+  input's dtype for the pooling.
 - Placement: in every residual block (the backbone's ``placement="block"``), after the
   block's last BN and before the addition with the shortcut, which is where the official
   code puts it by default (``insert_pos="after_1x1"``). The official detection models put
@@ -51,7 +52,7 @@ import torch
 from torch import nn
 
 from ..registry import register_attention
-from .layers import check_input, softmax_float32
+from .layers import check_input, conv_softmax
 
 POOLINGS = ("att", "avg")
 FUSIONS = ("add", "mul")
@@ -101,7 +102,7 @@ class GlobalContextBlock(nn.Module):
         if self.pooling == "avg":
             return x.mean(dim=(2, 3), keepdim=True)
         n, c = x.shape[:2]
-        weights = softmax_float32(self.context_conv(x).flatten(2), dim=-1)  # (N, 1, HW)
+        weights = conv_softmax(self.context_conv, x, dim=-1)  # (N, 1, HW)
         # (N, C, HW) @ (N, HW, 1): flatten(2) is a view in both the NCHW and NHWC layouts.
         pooled = torch.bmm(x.flatten(2), weights.to(x.dtype).transpose(1, 2))
         return pooled.view(n, c, 1, 1)

@@ -41,6 +41,12 @@ Ablation switches (HAM Tables 1-3): ``adaptive`` (alpha/beta mix on/off), ``kern
 CBAM's spatial gate on F' ("HAM(channel)&CBAM(spatial)"), None is channel attention only
 ("HAM (channel)"). ``eca_kernel`` fixes the 1-D kernel instead of Eq. 6.
 
+Mixed precision: the channel logits C1D_k(F_add) (N x C values) and their sigmoid run in
+float32 with autocast off (``layers.in_float32``), and the gate is applied in the input's
+dtype. The channels are ranked on these weights: rounded to bf16 (8 significant bits, a
+step of 2^-8 between 0.5 and 1), nearby gate values tie, and the stable sort would then split
+the groups by channel index instead of by attention (on 16 channels, most samples had a tie).
+
 Implementation: in training, the channel step is one fused autograd node
 (``layers.pooled_gate``) and so is the separation + spatial step (``_SeparatedSpatialGate``):
 the same values and gradients as the plain expression in ``HAMSpatialAttention.maps``,
@@ -53,12 +59,14 @@ F'_i (its other group's channels are zeros).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..registry import register_attention
 from .layers import (
     AdaptivePoolMix,
     SpatialGate,
+    autocast_off,
     channel_max,
     check_input,
     conv_input,
@@ -66,6 +74,7 @@ from .layers import (
     exporting,
     gate_conv2d,
     global_max_pool,
+    in_float32,
     pooled_gate,
     use_fused,
 )
@@ -98,10 +107,15 @@ class HAMChannelAttention(nn.Module):
         self.conv = nn.Conv1d(1, 1, k, padding=k // 2, bias=False)
 
     def logits(self, avg: torch.Tensor, max_: torch.Tensor) -> torch.Tensor:
-        """C1D_k(F_add) from the pooled (N, C, 1, 1) descriptors, same shape."""
+        """C1D_k(F_add) from the pooled (N, C, 1, 1) descriptors, same shape; in float32 at
+        least (see the module docstring: the channels are ranked on these)."""
         n, c = avg.shape[:2]
-        f_add = self.mix(avg.view(n, c), max_.view(n, c))
-        return self.conv(f_add.unsqueeze(1)).view(n, c, 1, 1)
+        return self._logits(avg.view(n, c), max_.view(n, c), self.conv.weight).view(n, c, 1, 1)
+
+    @in_float32
+    def _logits(self, avg: torch.Tensor, max_: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        f_add = self.mix(avg, max_)
+        return F.conv1d(f_add.unsqueeze(1), weight.to(f_add.dtype), padding=self.conv.padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         avg = x.mean(dim=(2, 3), keepdim=True)
@@ -180,7 +194,7 @@ def _group_sums(t: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
     """sum_c t[:, c] * groups[:, c, g] for g = 0, 1: (N, 2, H, W), one read of t."""
     n, c, h, w = t.shape
     groups = groups.to(t.dtype)
-    with torch.autocast(t.device.type, enabled=False):  # sums in t's precision, as .sum()
+    with autocast_off(t.device.type):  # sums in t's precision, as .sum()
         if t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
             rows = t.permute(0, 2, 3, 1).reshape(n, h * w, c)  # a view
             return torch.bmm(rows, groups).view(n, h, w, 2).permute(0, 3, 1, 2)

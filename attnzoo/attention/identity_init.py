@@ -230,7 +230,8 @@ def _bridge_head(m: BridgeHead) -> bool:
     last = m.bridge.out_features
     with torch.no_grad():
         m.bridge.weight.zero_()
-        m.bridge.weight[:, -last:].copy_(torch.eye(last))
+        weight = m.bridge.weight
+        weight[:, -last:].copy_(torch.eye(last, dtype=weight.dtype, device=weight.device))
         m.bridge.bias.zero_()
     return True
 

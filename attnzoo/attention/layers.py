@@ -10,6 +10,9 @@
 - ``gate_conv2d``: the spatial gates' C -> 1 k x k conv, as banded matmuls on larger maps.
 - ``plain_gates``: a context in which both run as plain autograd expressions.
 - ``SingleSampleSafeBatchNorm1d``: BatchNorm1d that survives a training batch of one.
+- ``in_float32``, ``autocast_off``, ``conv_softmax``: the softmax-based modules compute
+  their energies (what goes into a softmax) and the softmax in float32 with autocast off (see
+  ``in_float32``); ``conv_softmax`` is the common case of a conv's logits.
 - ``softmax_float32``, ``safe_sqrt``, ``largest_divisor_at_most``: small numeric helpers of
   the zoo's modules (a float32 softmax under autocast, a sqrt with a finite gradient at 0, the
   group count that divides C).
@@ -18,14 +21,17 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 REDUCTION_RULES = ("floor", "round8")
+_Result = TypeVar("_Result")
 
 
 def reduced_channels(channels: int, reduction: float, rule: str = "floor") -> int:
@@ -302,14 +308,17 @@ class _PooledGate(torch.autograd.Function):
             logits.append(out)
             indices.append(index)
         weight = _average(gates, x)
+        # The gate is applied in x's dtype (a float32 gate on a bf16 map under autocast
+        # gives a bf16 output, as the plain path) and returned as computed.
+        applied = weight.to(x.dtype)
         ctx.branches, ctx.graph, ctx.indices = branches, (leaves, logits), indices
         ctx.params = params
-        ctx.save_for_backward(x, weight, *gates)
+        ctx.save_for_backward(x, applied, *gates)
         ctx.mark_non_differentiable(weight)
         # Without this autograd would fill a zero gradient for ``weight`` (full-size for
         # triplet) before every backward.
         ctx.set_materialize_grads(False)
-        return x * weight, weight
+        return x * applied, weight
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -353,9 +362,7 @@ class _PooledGate(torch.autograd.Function):
                 terms.append((grad_mean, count, grad_max))
             grad_x = buffer
             means = [(g / n).to(x.dtype) for g, n, _ in terms if g is not None]
-            torch.addcmul(
-                means[0] if means else torch.zeros((), dtype=x.dtype), grad_out, weight, out=grad_x
-            )
+            torch.addcmul(means[0] if means else x.new_zeros(()), grad_out, weight, out=grad_x)
             for mean_term in means[1:]:
                 grad_x.add_(mean_term)
             for (dims, _, _), (_, _, grad_max), index in zip(branches, terms, indices, strict=True):
@@ -370,10 +377,8 @@ def _plain_gate(x: torch.Tensor, branches: tuple[Branch, ...]) -> tuple[torch.Te
     for dims, use_max, transform in branches:
         mean, max_, _ = _pool(x, dims, use_max, indices=False)
         gates.append(torch.sigmoid(transform(mean, max_)))
-    if len(gates) == 1:
-        return x * gates[0], gates[0]
-    weight = sum(gates[1:], gates[0]) / len(gates)
-    return x * weight, weight
+    weight = gates[0] if len(gates) == 1 else sum(gates[1:], gates[0]) / len(gates)
+    return x * weight.to(x.dtype), weight
 
 
 def pooled_gate(
@@ -385,7 +390,9 @@ def pooled_gate(
     (1,) (a spatial gate), (2,) or (3,) (triplet's C-W and C-H maps); ``transform(mean,
     max)`` gets the pooled descriptors with the pooled dims kept at size 1 (``max`` is None
     without ``use_max``) and returns logits broadcastable to x. ``params`` are the
-    parameters the transforms use (they get their gradients through this node).
+    parameters the transforms use (they get their gradients through this node). ``w`` is
+    applied in x's dtype and returned in the logits' (so a transform that computes its
+    logits in float32 under autocast, as HAM's, gets a bf16 product and a float32 gate).
 
     With autograd recording, in eager mode, this is one ``autograd.Function`` (see the note
     above); the values equal the plain expression's to float rounding and the gradients are
@@ -516,6 +523,78 @@ def gate_conv2d(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     ):
         return conv(conv_input(x))
     return _GateConv2d.apply(x, conv.weight)
+
+
+def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """``torch.autocast(device_type, enabled=False)`` where autocast is on for that device
+    type; otherwise a null context (nothing to turn off, and ``torch.autocast`` raises for a
+    device type without autocast, such as ``meta``)."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    """t in float32 if its dtype is a narrower float (bf16, fp16); float32, float64 and
+    integer tensors as they are (no copy)."""
+    if t.is_floating_point() and t.dtype not in (torch.float32, torch.float64):
+        return t.float()
+    return t
+
+
+def in_float32(fn: Callable[..., _Result]) -> Callable[..., _Result]:
+    """Decorator: ``fn`` runs with autocast off on its first tensor argument's device type
+    and every bf16/fp16 tensor argument promoted to float32 (``at_least_float32``). The result
+    is float32 (or float64): the caller casts it back where it should be narrower.
+
+    The softmax-based modules (DANet's PAM and CAM, CSM, RCCA, non-local, A^2, GC, polarized,
+    EMA, the spatial softmax) compute their energies (the products that go into a softmax:
+    q . k, or a conv's logits) and the softmax with it. Under fp16 autocast an energy above
+    65504 is inf, and a softmax row holding an inf is NaN; in bf16 (8 significant bits) an
+    energy e is rounded by up to |e| 2^-8, which scales its softmax weight by exp(|e| 2^-8),
+    a large factor once |e| is in the hundreds. Outside autocast, and for float32 or
+    float64 arguments, it changes nothing: the same ops run on the same tensors.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> _Result:
+        device_type = next(a.device.type for a in args if isinstance(a, torch.Tensor))
+        with autocast_off(device_type):
+            return fn(
+                *(at_least_float32(a) if isinstance(a, torch.Tensor) else a for a in args),
+                **kwargs,
+            )
+
+    return wrapper
+
+
+def conv_softmax(conv: nn.Conv2d, x: torch.Tensor, dim: int, start_dim: int = 2) -> torch.Tensor:
+    """softmax along ``dim`` of ``conv(x).flatten(start_dim)``: logits computed by a conv and
+    normalised over positions (the default flattening, (N, C_out, H W), with dim -1) or over
+    the conv's output channels (dim 1). The conv (it computes the energies) and the softmax
+    run in float32 at least (``in_float32``); the result is float32 (float64 for a float64
+    input)."""
+    return _conv_softmax(
+        x,
+        conv.weight,
+        conv.bias,
+        (conv.stride, conv.padding, conv.dilation, conv.groups),
+        start_dim,
+        dim,
+    )
+
+
+@in_float32
+def _conv_softmax(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    geometry: tuple,
+    start_dim: int,
+    dim: int,
+) -> torch.Tensor:
+    logits = F.conv2d(x, weight, bias, *geometry)
+    return torch.softmax(logits.flatten(start_dim), dim=dim)
 
 
 def softmax_float32(logits: torch.Tensor, dim: int) -> torch.Tensor:

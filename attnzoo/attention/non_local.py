@@ -35,7 +35,8 @@ Choices, and where the official code differs:
   ignores; in training mode g's (which passes through the softmax average unchanged) and
   W_z's are constants that the BN's batch mean removes.
 - The softmax is torch's fused ``scaled_dot_product_attention`` (scale 1): it never stores
-  the HW x HW map and accumulates in float32 for a bf16 input (under autocast).
+  the HW x HW map. The energies theta^T phi and the softmax run in float32 with autocast off
+  (``layers.in_float32``): fp16 energies overflow past 65504, and bf16 ones are too coarse.
 - Placement: ``stage`` by default (one block after each stage but the last). The paper
   inserts a few blocks into the later stages of a ResNet rather than one per residual block:
   its video models add 5 or 10 blocks to res3 and res4, its COCO models one block before the
@@ -53,7 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..registry import register_attention
-from .layers import check_input
+from .layers import check_input, in_float32
 
 
 def subsample_2x2(t: torch.Tensor) -> torch.Tensor:
@@ -69,8 +70,15 @@ def embedded_gaussian(theta: torch.Tensor, phi: torch.Tensor, g: torch.Tensor) -
     """y_i = sum_j softmax_j(theta_i . phi_j) g_j, without a scale.
 
     ``theta``: (N, C', H, W); ``phi``, ``g``: (N, C', H', W') (fewer positions after
-    subsampling). Returns y, (N, C', H, W).
+    subsampling). Returns y, (N, C', H, W), in ``g``'s dtype: the energies, the softmax and
+    the weighted sum of g (one fused kernel) run in float32 (``in_float32``); a convex
+    combination of g's rows is within g's range, so the cast back cannot overflow.
     """
+    return _embedded_gaussian(theta, phi, g).to(g.dtype)
+
+
+@in_float32
+def _embedded_gaussian(theta: torch.Tensor, phi: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     n, c, h, w = theta.shape
 
     def tokens(t: torch.Tensor) -> torch.Tensor:

@@ -40,7 +40,8 @@ Choices, and where the official code differs from the paper (we follow the paper
   W_v(X p) for weights p that sum to 1 (a 1x1 conv without bias is linear), so the
   channel-only branch pools X first; GAP(W_q(X)) = W_q(GAP(X)); and s^T W_v(X) =
   (s^T W_v) X, a per-sample C-vector applied to X.
-- The softmaxes run in float32 (at least) whatever the input's dtype.
+- The softmaxes and their logits (the two W_q) run in float32 (at least) with autocast off
+  (``layers.conv_softmax``), whatever the input's dtype.
 - A third-party version (xmu-xiaoma666/External-Attention-pytorch, issue #19) first left
   out the spatial-only softmax and added Z^ch to the sequential output; both since fixed.
 - Placement: in every residual block (``placement="block"``, after the block's last BN, as
@@ -56,7 +57,7 @@ import torch
 from torch import nn
 
 from ..registry import register_attention
-from .layers import check_input, softmax_float32
+from .layers import check_input, conv_softmax
 
 LAYOUTS = ("parallel", "sequential")
 
@@ -82,7 +83,7 @@ class PolarizedSelfAttention(nn.Module):
     def channel_weights(self, x: torch.Tensor) -> torch.Tensor:
         """A^ch, shape (N, C, 1, 1)."""
         n, c = x.shape[:2]
-        weights = softmax_float32(self.channel_query(x).flatten(2), dim=-1)  # (N, 1, HW)
+        weights = conv_softmax(self.channel_query, x, dim=-1)  # (N, 1, HW)
         pooled = torch.bmm(x.flatten(2), weights.to(x.dtype).transpose(1, 2))  # X p (N, C, 1)
         z = self.channel_out(self.channel_value(pooled.view(n, c, 1, 1)))
         return torch.sigmoid(self.channel_norm(z))
@@ -90,8 +91,8 @@ class PolarizedSelfAttention(nn.Module):
     def spatial_weights(self, x: torch.Tensor) -> torch.Tensor:
         """A^sp, shape (N, 1, H, W)."""
         n, c, h, w = x.shape
-        query = self.spatial_query(x.mean(dim=(2, 3), keepdim=True)).flatten(1)  # (N, C/2)
-        s = softmax_float32(query, dim=1).to(x.dtype)
+        pooled = x.mean(dim=(2, 3), keepdim=True)
+        s = conv_softmax(self.spatial_query, pooled, dim=1, start_dim=1).to(x.dtype)  # (N, C/2)
         value_weight = self.spatial_value.weight.flatten(1).to(s.dtype)  # (C/2, C)
         per_channel = (s @ value_weight).unsqueeze(1)  # s^T W_v, (N, 1, C)
         return torch.sigmoid(torch.bmm(per_channel, x.flatten(2))).view(n, 1, h, w)

@@ -26,6 +26,9 @@ Defaults and choices:
 - Pure PyTorch and device-agnostic (the official pure-PyTorch version hard-codes
   ``.cuda()``): two einsums give the column (h) and row (w) energies, one softmax runs over
   their concatenation, and two einsums aggregate V.
+- Mixed precision: the energies d and their softmax run in float32 with autocast off
+  (``layers.in_float32``; fp16 energies overflow past 65504); the aggregation of V runs in
+  V's (autocast) dtype.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import torch
 from torch import nn
 
 from ..registry import register_attention
-from .layers import check_input, reduced_channels
+from .layers import check_input, in_float32, reduced_channels
 
 
 def criss_cross_attention(
@@ -45,17 +48,25 @@ def criss_cross_attention(
     ``query``, ``key``: (N, C', H, W); ``value``: (N, C, H, W); returns (N, C, H, W).
     """
     height = query.shape[2]
+    weights = criss_cross_weights(query, key).to(value.dtype)
+    column_weights, row_weights = weights.split([height, weights.shape[-1] - height], dim=-1)
+    return torch.einsum("nyxg,ncgx->ncyx", column_weights, value) + torch.einsum(
+        "nyxv,ncyv->ncyx", row_weights, value
+    )
+
+
+@in_float32
+def criss_cross_weights(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """A (Eq. 1 and the joint softmax), (N, H, W, H + W): for each position (y, x) its
+    weights over column (g, x) then row (y, v); float32 at least (``in_float32``)."""
+    height = query.shape[2]
     # column[n, y, x, g] = Q(y, x) . K(g, x); row[n, y, x, v] = Q(y, x) . K(y, v)
     column = torch.einsum("ncyx,ncgx->nyxg", query, key)
     row = torch.einsum("ncyx,ncyv->nyxv", query, key)
     # u itself is in both; drop it from the column so it is counted once.
     self_mask = torch.eye(height, dtype=torch.bool, device=query.device)[:, None, :]
     column = column.masked_fill(self_mask, float("-inf"))
-    weights = torch.softmax(torch.cat([column, row], dim=-1), dim=-1)
-    column_weights, row_weights = weights.split([height, weights.shape[-1] - height], dim=-1)
-    return torch.einsum("nyxg,ncgx->ncyx", column_weights, value) + torch.einsum(
-        "nyxv,ncyv->ncyx", row_weights, value
-    )
+    return torch.softmax(torch.cat([column, row], dim=-1), dim=-1)
 
 
 @register_attention("rcca")

@@ -23,6 +23,8 @@ Choices the paper leaves open, and ours:
   (the Residual Attention Network form), an option the paper does not describe.
 - A 1x1 map is one position, whose softmax weight is 1: the module is then the identity
   (or doubles F with ``residual=True``).
+- Mixed precision: the logits (the conv, the energies here) and the softmax run in float32
+  with autocast off (``layers.conv_softmax``); the weights are then cast to the input's dtype.
 
 Placement: Sec. 3.1 adds attention modules "after certain convolutional layers", while
 Sec. 7.2 says the approach "currently uses a single attention module at the end of the
@@ -38,7 +40,7 @@ import torch
 from torch import nn
 
 from ..registry import register_attention
-from .layers import check_input
+from .layers import check_input, conv_softmax
 
 
 @register_attention("spatial_softmax")
@@ -69,10 +71,10 @@ class SpatialSoftmaxAttention(nn.Module):
     def attention_map(self, x: torch.Tensor) -> torch.Tensor:
         """a, shape (N, 1, H, W): sums to 1 over positions (to H W if scaled)."""
         n, _, height, width = x.shape
-        weights = torch.softmax(self.conv(x).flatten(1), dim=1)
+        weights = conv_softmax(self.conv, x, dim=-1)  # (N, 1, H W)
         if self.scale_to_mean_one:
             weights = weights * (height * width)
-        return weights.view(n, 1, height, width)
+        return weights.view(n, 1, height, width).to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.channels, "spatial_softmax")

@@ -233,8 +233,8 @@ def test_bfloat16_autocast(name: str, randomize) -> None:
     out.float().sum().backward()
     for param_name, param in module.named_parameters():
         assert param.grad is not None and torch.isfinite(param.grad).all(), param_name
-    if name == "danet_pam":  # CAM's large energies in bf16 are too coarse for a comparison
-        torch.testing.assert_close(out.float(), module(x), atol=0.1, rtol=0.05)
+    # CAM too: its energies A A^T (large, a sum over HW products) are computed in float32.
+    torch.testing.assert_close(out.float(), module(x), atol=0.1, rtol=0.05)
 
 
 @pytest.mark.parametrize("name", ["danet_pam", "danet_cam"])
