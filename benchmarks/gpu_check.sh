@@ -76,6 +76,11 @@ for att in none ham; do
     tail -2 "$out/train_r20_$att.log"
 done
 
+# The loop does not synchronise, so its loader_time on a GPU is the host's time only; this
+# times the loader with its GPU work (synchronised phases), an upper bound of its share.
+timeout 120 python3 benchmarks/loader_share.py bf16 cuda > "$out/loader_share.txt" 2>&1
+status loader_share $?
+
 log "5. the resnet20 run resumed on the CPU, stopped by SIGINT"
 rm -rf "$out/r20-cpu" && cp -r "$out/r20-none" "$out/r20-cpu" && rm -f "$out/r20-cpu/summary.json"
 # One more epoch to train, so that the resume has steps to take (the schedule's length changes;
@@ -151,5 +156,11 @@ for att in ("none", "ham"):
         f"| resnet20 + {att} | {row['images_per_s']:.0f} | {row['epoch_time']:.2f} | "
         f"{100 * share:.1f}% | {row['test_top1_err']:.2f} | {200 * row['epoch_time'] / 60:.1f} min |"
     )
+print("\n(loader share above: host time of next(batch), the loop does not synchronise; the")
+print("first epoch includes cudnn.benchmark's search.) Loader with its GPU work, synchronised:\n")
+try:
+    print("```\n" + (out / "loader_share.txt").read_text().strip() + "\n```")
+except OSError as e:
+    print(f"no loader_share.txt ({e})")
 EOF
 echo "wrote $out/summary.md"
