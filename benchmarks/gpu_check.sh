@@ -19,7 +19,20 @@
 # and of resnet20 + ham (img/s, loader share); 5. that resnet20 run resumed on the CPU, stopped
 # by SIGINT after some steps (it must save a checkpoint that lists both devices);
 # 6. summary.md.
+#
+# DEVICE=cpu QUICK=1 bash benchmarks/gpu_check.sh DATA_DIR OUT is a dry run of the script's
+# own logic on a CPU machine (tiny benches, 1,280 training images): it checks the script,
+# not the GPU.
 set -uo pipefail
+device=${DEVICE:-cuda}
+quick=${QUICK:-0}
+if [ "$quick" = 1 ]; then
+    b56="--batch-size 8 --repeats 1 --warmup 1"; b50="--batch-size 2 --repeats 1 --warmup 1"
+    subset="--train-subset 1280 --test-subset 512"; steps=10; stop_after=25
+else
+    b56="--batch-size 128 --repeats 20 --warmup 5"; b50="--batch-size 64 --repeats 10 --warmup 3"
+    subset=""; steps=390; stop_after=45
+fi
 data=${1:-${DATA:-}}
 out=${2:-gpu_check_out}
 mkdir -p "$out"
@@ -36,8 +49,11 @@ import torch
 print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version())
 print("gpu", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "NONE")
 EOF
-python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" || {
-    echo "no CUDA device: this script is for a GPU machine"; exit 1; }
+if [ "$device" != cpu ]; then
+    python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" || {
+        echo "no CUDA device: this script is for a GPU machine (DEVICE=cpu QUICK=1: dry run)"
+        exit 1; }
+fi
 
 if [ -z "$data" ]; then
     data=/tmp/attnzoo-gpu-data
@@ -55,22 +71,23 @@ status pytest_cuda $?
 tail -3 "$out/pytest_cuda.log"
 
 log "2. resnet56 bench, CIFAR input, batch 128"
-timeout 120 attnzoo bench --device cuda --model resnet56 --batch-size 128 --repeats 20 --warmup 5 \
+timeout 120 attnzoo bench --device "$device" --model resnet56 $b56 \
     --modes channels_last bf16 --attentions none se eca cbam ham gam triplet csm --timm --json \
     > "$out/bench_resnet56.json" 2> "$out/bench_resnet56.err"
 status bench_resnet56 $?
 
 log "3. resnet50 bench, 224 px, batch 64"
-timeout 120 attnzoo bench --device cuda --model resnet50 --num-classes 1000 --input-size 224 \
-    --batch-size 64 --repeats 10 --warmup 3 --modes channels_last bf16 \
+timeout 120 attnzoo bench --device "$device" --model resnet50 --num-classes 1000 --input-size 224 \
+    $b50 --modes channels_last bf16 \
     --attentions none se cbam ham --json > "$out/bench_resnet50.json" 2> "$out/bench_resnet50.err"
 status bench_resnet50 $?
 
 log "4. one CIFAR-10 epoch: resnet20 and resnet20 + ham"
 for att in none ham; do
     rm -rf "$out/r20-$att"
-    timeout 150 attnzoo train --device cuda --model resnet20 --attention "$att" --dataset cifar10 \
-        --data-dir "$data" --recipe ham --epochs 1 --no-progress --out "$out/r20-$att" \
+    timeout 150 attnzoo train --device "$device" --model resnet20 --attention "$att" \
+        --dataset cifar10 --data-dir "$data" --recipe ham --epochs 1 $subset --no-progress \
+        --out "$out/r20-$att" \
         > "$out/train_r20_$att.log" 2>&1
     status "train_r20_$att" $?
     tail -2 "$out/train_r20_$att.log"
@@ -78,7 +95,7 @@ done
 
 # The loop does not synchronise, so its loader_time on a GPU is the host's time only; this
 # times the loader with its GPU work (synchronised phases), an upper bound of its share.
-timeout 120 python3 benchmarks/loader_share.py bf16 cuda > "$out/loader_share.txt" 2>&1
+timeout 120 python3 benchmarks/loader_share.py bf16 "$device" > "$out/loader_share.txt" 2>&1
 status loader_share $?
 
 log "5. the resnet20 run resumed on the CPU, stopped by SIGINT"
@@ -92,14 +109,14 @@ cfg = yaml.safe_load(open(path))
 cfg["epochs"] = 2
 yaml.safe_dump(cfg, open(path, "w"), sort_keys=False)
 EOF
-timeout -s INT 45 attnzoo train --resume "$out/r20-cpu" --device cpu --no-progress \
+timeout -s INT "$stop_after" attnzoo train --resume "$out/r20-cpu" --device cpu --no-progress \
     > "$out/resume_cpu.log" 2>&1
 status resume_cpu $?
-python3 - "$out/r20-cpu/checkpoint.pt" <<'EOF' | tee -a "$out/resume_cpu.log"
+python3 - "$out/r20-cpu/checkpoint.pt" "$device" "$steps" <<'EOF' | tee -a "$out/resume_cpu.log"
 import sys, torch
 state = torch.load(sys.argv[1], weights_only=True)
 devices = [d["device"] for d in state["devices"]]
-ok = devices[0].startswith("cuda") and devices[-1] == "cpu" and state["step"] > 390
+ok = devices[0].startswith(sys.argv[2]) and devices[-1] == "cpu" and state["step"] > int(sys.argv[3])
 print(f"checkpoint after the CPU resume: step {state['step']}, devices {devices}:",
       "OK" if ok else "WRONG")
 sys.exit(0 if ok else 1)

@@ -57,7 +57,15 @@ TIMM_ATTENTIONS: dict[str, type[nn.Module]] = {
     "cbam": CBAM,
 }
 TOLERANCE = 1e-5  # outputs
-GRAD_TOLERANCE = 1e-4  # gradients: sums over many positions, summed in other orders
+# Gradients: sums over many positions, summed in other orders, so their rounding grows with
+# their size: a difference is taken absolute, or relative to the largest gradient of that
+# tensor where that exceeds 1.
+GRAD_TOLERANCE = 1e-4
+# The whole network's gradients, a looser check than each module's: through 56 layers,
+# float32 rounding can move a pre-activation across a ReLU's 0 and re-route a gradient. On
+# the bench's resnet56 + CBAM in eval mode, ours and timm's parameter gradients differ by
+# 1.8e-4 in float32 and by 1e-15 in float64 (the same functions, rounded differently).
+NETWORK_GRAD_TOLERANCE = 1e-3
 
 
 def timm_available() -> bool:
@@ -157,7 +165,9 @@ def compare(
     parameter names to theirs; without it, parameters of the same name are compared).
 
     Gradients are taken for a fixed random output gradient; both forward passes run with
-    autograd recording, i.e. through our fused gate node, not its no-grad fallback."""
+    autograd recording, i.e. through our fused gate node, not its no-grad fallback. A
+    gradient's difference is divided by its largest magnitude where that exceeds 1
+    (``scaled_diff``): float rounding grows with the values."""
     worst = {"output": 0.0, "input_grad": 0.0, "param_grad": 0.0}
     grad_out = None
     for train in (True, False):
@@ -171,17 +181,22 @@ def compare(
         yb.backward(grad_out)
         diffs = {
             "output": (ya - yb).abs().max().item(),
-            "input_grad": (xa.grad - xb.grad).abs().max().item(),
+            "input_grad": scaled_diff(xa.grad, xb.grad),
         }
         theirs_params = dict(b.named_parameters())
         param_diffs = [0.0]
         for name, p in a.named_parameters():
             q = theirs_params.get(names[name] if names else name)
             if q is not None and p.grad is not None and q.grad is not None:
-                param_diffs.append((p.grad - q.grad).abs().max().item())
+                param_diffs.append(scaled_diff(p.grad, q.grad))
         diffs["param_grad"] = max(param_diffs)
         worst = {k: max(worst[k], diffs[k]) for k in worst}
     return worst
+
+
+def scaled_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b|, divided by max |b| where that exceeds 1."""
+    return ((a - b).abs().max() / b.abs().max().clamp(min=1.0)).item()
 
 
 def max_abs_diff(ours: nn.Module, theirs: nn.Module, x: torch.Tensor) -> float:
@@ -225,9 +240,10 @@ def swap_in_timm(
 
     With ``check``, raises ``RuntimeError`` unless every replaced module (with randomised
     weights) and the whole network give the same outputs as ours to within ``TOLERANCE``
-    on random inputs, and the same gradients to within ``GRAD_TOLERANCE``. Returns
-    ``{"modules": n, "output_max_abs_diff": d, "grad_max_abs_diff": g}`` (the largest over
-    the modules and the network).
+    on random inputs, and the same gradients to within ``GRAD_TOLERANCE`` (each module) and
+    ``NETWORK_GRAD_TOLERANCE`` (the network). Returns ``{"modules": n, "output_max_abs_diff":
+    d, "grad_max_abs_diff": g, "network_grad_max_diff": G}`` (d the largest over the modules
+    and the network, g over the modules).
     """
     require_timm()
     cls = TIMM_ATTENTIONS.get(attention)
@@ -258,15 +274,19 @@ def swap_in_timm(
         diffs.append(compare(rand, theirs.to(_device_of(ours)), x, names))
     chans = getattr(model, "in_chans", 3)
     x = torch.randn(4, chans, input_size, input_size, generator=gen).to(_device_of(model))
-    diffs.append(compare(model, swapped, x))
-    report["output_max_abs_diff"] = max(d["output"] for d in diffs)
+    network = compare(model, swapped, x)
+    report["output_max_abs_diff"] = max(d["output"] for d in [*diffs, network])
     report["grad_max_abs_diff"] = max(max(d["input_grad"], d["param_grad"]) for d in diffs)
+    report["network_grad_max_diff"] = max(network["input_grad"], network["param_grad"])
     if not (
-        report["output_max_abs_diff"] < TOLERANCE and report["grad_max_abs_diff"] < GRAD_TOLERANCE
+        report["output_max_abs_diff"] < TOLERANCE
+        and report["grad_max_abs_diff"] < GRAD_TOLERANCE
+        and report["network_grad_max_diff"] < NETWORK_GRAD_TOLERANCE
     ):
         raise RuntimeError(
             f"timm's {attention} differs from ours: outputs by {report['output_max_abs_diff']:.3g} "
-            f"(tolerance {TOLERANCE}), gradients by {report['grad_max_abs_diff']:.3g} "
-            f"(tolerance {GRAD_TOLERANCE})"
+            f"(tolerance {TOLERANCE}), module gradients by {report['grad_max_abs_diff']:.3g} "
+            f"(tolerance {GRAD_TOLERANCE}), network gradients by "
+            f"{report['network_grad_max_diff']:.3g} (tolerance {NETWORK_GRAD_TOLERANCE})"
         )
     return swapped, report
