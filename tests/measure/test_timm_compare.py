@@ -124,3 +124,24 @@ def test_bench_timm_on_each_device(device):
     assert theirs["ours_over_timm"] == pytest.approx(ours["step_ms"] / theirs["step_ms"])
     assert result["timm_check"]["eca"]["output_max_abs_diff"] < TOLERANCE  # checked on the CPU
     assert torch.device(result["settings"]["device"]).type == device.type
+
+
+@pytest.mark.parametrize("attention", ["se", "cbam"])
+def test_the_check_refuses_a_conversion_that_differs(attention, monkeypatch):
+    # A timm layer whose weights are off by 1% must fail the check before any timing.
+    from attnzoo.measure import timm_compare
+
+    real = timm_compare.timm_equivalent
+
+    def slightly_wrong(module):
+        theirs = real(module)
+        with torch.no_grad():
+            for p in theirs.parameters():
+                p.mul_(1.01)
+        return theirs
+
+    monkeypatch.setattr(timm_compare, "timm_equivalent", slightly_wrong)
+    torch.manual_seed(0)
+    model = create_model("resnet20", num_classes=10, attention=attention)
+    with pytest.raises(RuntimeError, match=f"timm's {attention} differs from ours"):
+        timm_compare.swap_in_timm(model, attention)
