@@ -73,3 +73,40 @@ def test_eval_reads_the_ema_weights(tmp_path, capsys):
     train(tiny_config(), plain, log=lambda message: None)
     with pytest.raises(RunError, match="without a weight EMA.*without --ema"):
         evaluate_run(plain, ema=True)
+
+
+def test_weight_ema_is_bitwise_torchs_averaged_model_and_resumes():
+    # WeightEma keeps its update count on the host (no per-step synchronisation on a GPU);
+    # its averages must stay torch's AveragedModel's exactly, also after a state round trip.
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    from attnzoo import create_model
+    from attnzoo.train.ema import WeightEma
+
+    torch.manual_seed(0)
+    model = create_model("resnet20", num_classes=10, attention="se")
+    ours = WeightEma(model, 0.9)
+    torchs = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    resumed = None
+    for step in range(5):
+        loss = model(torch.randn(4, 3, 16, 16)).square().mean()  # BN buffers move too
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        for ema in (ours, torchs, resumed):
+            if ema is not None:
+                ema.update_parameters(model)
+        if step == 2:
+            resumed = WeightEma(create_model("resnet20", num_classes=10, attention="se"), 0.9)
+            resumed.load_state_dict(ours.state_dict())
+            assert resumed.updates == 3
+    for ema in (ours, resumed):
+        a, b = ema.state_dict(), torchs.state_dict()
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), [
+            k for k in a if not torch.equal(a[k], b[k])
+        ]
+    # and the average moved away from the first weights (the test can fail)
+    first = create_model("resnet20", num_classes=10, attention="se")
+    assert not torch.equal(ours.module.fc.weight, first.fc.weight)
