@@ -2,7 +2,7 @@
 may land on the CPU (or in float32) when the input lives elsewhere (or in another dtype).
 
 On the ``meta`` device (no data, so every check here is cheap) a module computes only shapes
-and dtypes, and the ``OnlyOn`` dispatch mode below fails the test on any op whose result is
+and dtypes, and the ``OnlyOn`` dispatch mode (tests/device_helpers.py) fails the test on any op whose result is
 not a meta tensor: a ``torch.zeros(n)`` or ``torch.tensor(0.5)`` without ``device=``, which
 works on the CPU and breaks (or, as a 0-dim tensor, silently computes on the CPU) on a GPU.
 The same module in float64 and in bfloat16 (without autocast) must give an output of that
@@ -20,8 +20,8 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+from device_helpers import OnlyOn
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import attnzoo
@@ -58,22 +58,6 @@ CASES = [(name, {}) for name in NAMES] + [
     (name, kwargs) for name, variants in sorted(VARIANTS.items()) for kwargs in variants
 ]
 IDS = [f"{n}-{'-'.join(f'{k}={v}' for k, v in kw.items()) or 'default'}" for n, kw in CASES]
-
-
-class OnlyOn(TorchDispatchMode):
-    """Records every op (forward and backward) whose tensor results are not on ``device``."""
-
-    def __init__(self, device: torch.device) -> None:
-        super().__init__()
-        self.device = device
-        self.stray: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.device.type != self.device.type:
-                self.stray.append(f"{func} -> {t.device.type} {tuple(t.shape)} {t.dtype}")
-        return out
 
 
 def inputs(name: str, kwargs: dict, device: torch.device, dtype: torch.dtype) -> tuple:

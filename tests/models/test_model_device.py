@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from device_helpers import OnlyOn
 from torch.utils._pytree import tree_flatten
 
 import attnzoo
@@ -25,23 +25,6 @@ CASES = [(model, "se") for model in MODELS] + [
     ("resnet20", name) for name in [None, *attnzoo.list_attentions()] if name != "se"
 ]
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-class OnlyOn(TorchDispatchMode):
-    """Records every op (forward and backward) whose tensor results are not on ``device``
-    (the same as in tests/attention/test_device.py; test files do not import each other)."""
-
-    def __init__(self, device: torch.device) -> None:
-        super().__init__()
-        self.device = device
-        self.stray: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.device.type != self.device.type:
-                self.stray.append(f"{func} -> {t.device.type} {tuple(t.shape)} {t.dtype}")
-        return out
 
 
 def _tensors(out: object) -> list[torch.Tensor]:
