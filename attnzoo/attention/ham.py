@@ -62,7 +62,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import kernels
+from ..kernels import views
 from ..registry import register_attention
+from .fused import gate_layout
 from .layers import (
     AdaptivePoolMix,
     SpatialGate,
@@ -75,6 +78,7 @@ from .layers import (
     gate_conv2d,
     global_max_pool,
     in_float32,
+    kernel_ready,
     pooled_gate,
     use_fused,
 )
@@ -180,6 +184,8 @@ class HAMSpatialAttention(nn.Module):
         return torch.relu(self.bn(gate_conv2d(descriptors, self.conv)))
 
     def forward(self, refined: torch.Tensor, channel_weights: torch.Tensor) -> torch.Tensor:
+        if kernel_ready(refined):
+            return _kernel_separated_gate(self, refined, channel_weights)
         if use_fused(refined, *self.parameters()):
             flat = channel_weights.flatten(1)
             order = flat.sort(dim=1, descending=True, stable=True).indices
@@ -276,6 +282,121 @@ class _SeparatedSpatialGate(torch.autograd.Function):
             grad.scatter_add_(1, channel, (g_max * keep).to(grad.dtype))
         by_param = dict(zip(map(id, params), grads[4:], strict=True))
         return (grad, None, None, *(by_param.get(id(p)) for p in ctx.params))
+
+
+def _separation_groups(order: torch.Tensor, important: int) -> torch.Tensor:
+    """int8 (N, C): 0 for each sample's top-C_im channels (``order`` sorts them by weight,
+    descending, stable), 1 for the rest."""
+    groups = torch.zeros(order.shape, dtype=torch.int8, device=order.device)
+    return groups.scatter_(1, order[:, important:], 1)
+
+
+def _kernel_descriptors(module, refined, x3, groups, fmt):  # noqa: ANN001, ANN202
+    """The four (N, 1, H, W) maps [avg_1, max_1, avg_2, max_2] (Eq. 9) from one ``pool``
+    pass, whether each group max is positive, and the argmax channels."""
+    total, top, arg = kernels.pool(x3, groups, 2, True)
+    counts = (module.important, module.subimportant)
+    leaves, positive = [], []
+    for g in range(2):
+        mean = views.pooled(total[:, g] / counts[g], refined.shape, fmt, (1,))
+        best = views.pooled(top[:, g], refined.shape, fmt, (1,))
+        # The group map has zeros at the other group's channels: its max is >= 0.
+        positive.append(best > 0)
+        leaves += [mean.to(refined.dtype), best.clamp_min(0).to(refined.dtype)]
+    return leaves, positive, arg
+
+
+def _stack_gates(maps: torch.Tensor, n: int, fmt: str, shape: torch.Size) -> torch.Tensor:
+    """(2N, 1, H, W) [A_S,1; A_S,2] -> the kernels' (O, 2, I) float32 gate."""
+    return torch.cat(
+        [views.to_oi(maps[:n], fmt, (1,), shape), views.to_oi(maps[n:], fmt, (1,), shape)], 1
+    )
+
+
+def _kernel_separated_gate(module, refined, channel_weights):  # noqa: ANN001, ANN202
+    """F'' through the fused kernels: the autograd node when grad is recorded, else the
+    forward passes alone (inference)."""
+    refined, fmt = gate_layout(refined)
+    order = channel_weights.flatten(1).sort(dim=1, descending=True, stable=True).indices
+    params = tuple(module.parameters())
+    if torch.is_grad_enabled() and (refined.requires_grad or any(p.requires_grad for p in params)):
+        return _KernelSeparatedGate.apply(refined, order, module, fmt, *params)
+    groups = _separation_groups(order, module.important)
+    x3 = views.as_ori(refined, fmt, (1,))
+    leaves, _, _ = _kernel_descriptors(module, refined, x3, groups, fmt)
+    desc = torch.cat([torch.cat(leaves[:2], dim=1), torch.cat(leaves[2:], dim=1)], dim=0)
+    maps = torch.sigmoid(module.logits(desc))
+    gate = _stack_gates(maps, refined.shape[0], fmt, refined.shape)
+    return views.from_ori(kernels.apply(x3, gate, groups, 2), refined.shape, fmt)
+
+
+class _KernelSeparatedGate(torch.autograd.Function):
+    """F'' = F' * where(mask, A_S,1, A_S,2) on the kernels (``attnzoo.kernels``): one grouped
+    ``pool`` pass and one ``apply`` pass forward; one grouped ``dot`` pass and one
+    ``backward`` pass back (see ``_SeparatedSpatialGate`` for the same node in PyTorch ops).
+    A tie for a group's max sends the gradient to the lowest channel index."""
+
+    @staticmethod
+    def forward(ctx, refined, order, module, fmt, *params):  # noqa: ANN001, ANN205
+        n = refined.shape[0]
+        groups = _separation_groups(order, module.important)
+        x3 = views.as_ori(refined, fmt, (1,))
+        leaves, positive, arg = _kernel_descriptors(module, refined, x3, groups, fmt)
+        for leaf in leaves:
+            leaf.requires_grad_()
+        with torch.enable_grad():
+            desc = torch.cat([torch.cat(leaves[:2], dim=1), torch.cat(leaves[2:], dim=1)], dim=0)
+            logits = module.logits(desc)
+        gate = _stack_gates(torch.sigmoid(logits.detach()), n, fmt, refined.shape)
+        ctx.module, ctx.params, ctx.fmt = module, params, fmt
+        ctx.graph = (leaves, logits, positive)
+        ctx.save_for_backward(refined, gate, groups, arg)
+        return views.from_ori(kernels.apply(x3, gate, groups, 2), refined.shape, fmt)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):  # noqa: ANN001, ANN205
+        refined, gate, groups, arg = ctx.saved_tensors
+        leaves, logits, positive = ctx.graph
+        fmt, module, shape = ctx.fmt, ctx.module, refined.shape
+        memory = torch.channels_last if fmt == "nhwc" else torch.contiguous_format
+        grad_out = grad_out.to(refined.dtype)
+        if not grad_out.is_contiguous(memory_format=memory):
+            grad_out = grad_out.contiguous(memory_format=memory)
+        x3, g3 = views.as_ori(refined, fmt, (1,)), views.as_ori(grad_out, fmt, (1,))
+        grad_gate = kernels.dot(g3, x3, groups, 2)  # d/d A_S,1 and A_S,2, (O, 2, I)
+        maps = torch.cat([views.pooled(gate[:, g], shape, fmt, (1,)) for g in range(2)], 0)
+        grad_maps = torch.cat([views.pooled(grad_gate[:, g], shape, fmt, (1,)) for g in range(2)])
+        grad_logits = (grad_maps * maps * (1 - maps)).to(logits.dtype)
+        params = [p for p in ctx.params if p.requires_grad]
+        grads = torch.autograd.grad(
+            logits, leaves + params, grad_logits, allow_unused=True, retain_graph=True
+        )
+        zeros = torch.zeros_like(leaves[0])
+        g_avg1, g_max1, g_avg2, g_max2 = (zeros if g is None else g for g in grads[:4])
+        bias = torch.cat(
+            [
+                views.to_oi(g_avg1 / module.important, fmt, (1,), shape),
+                views.to_oi(g_avg2 / module.subimportant, fmt, (1,), shape),
+            ],
+            1,
+        )
+        dmax = torch.cat(
+            [
+                views.to_oi(g_max1 * positive[0], fmt, (1,), shape),
+                views.to_oi(g_max2 * positive[1], fmt, (1,), shape),
+            ],
+            1,
+        )
+        grad = kernels.backward(g3, gate, groups, 2, bias, arg, dmax)
+        by_param = dict(zip(map(id, params), grads[4:], strict=True))
+        return (
+            views.from_ori(grad, shape, fmt),
+            None,
+            None,
+            None,
+            *(by_param.get(id(p)) for p in ctx.params),
+        )
 
 
 @register_attention("ham")

@@ -225,6 +225,21 @@ def use_fused(*tensors: torch.Tensor) -> bool:
     )
 
 
+def kernel_ready(x: torch.Tensor) -> bool:
+    """Whether a gate on x runs on the fused kernels (``attnzoo.kernels``): eager mode, not
+    exporting, no ``plain_gates``, and a kernel for x's device and dtype in the current
+    ``ATTNZOO_KERNELS`` mode."""
+    from .. import kernels
+
+    return (
+        not _PLAIN[-1]
+        and not torch.compiler.is_compiling()
+        and not exporting()
+        and x.dim() == 4
+        and kernels.enabled(x)
+    )
+
+
 def _pool(
     x: torch.Tensor, dims: tuple[int, ...], use_max: bool, indices: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -401,6 +416,10 @@ def pooled_gate(
     ``torch.compile`` (whose compiler fuses the plain expression itself), it is the plain
     expression.
     """
+    if len(branches) == 1 and kernel_ready(x):
+        from .fused import kernel_gate  # the kernels' node (attention/fused.py)
+
+        return kernel_gate(x, branches[0], params)
     if not use_fused(x, *params):
         return _plain_gate(x, branches)
     if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
@@ -500,8 +519,10 @@ class _GateConv2d(torch.autograd.Function):
 def gate_conv2d(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     """``conv(x)`` for a spatial gate's bias-free C -> 1 k x k conv with "same" padding.
 
-    In eager mode on the CPU, for maps of at least ``BANDED_MIN_POSITIONS`` positions, it
-    runs as banded matrix products (see above; same values to float rounding); otherwise
+    In eager mode on the CPU in float32 it runs on the C++ kernel of ``attnzoo.kernels``
+    (``fused.kernel_conv2d``) where the kernels are on; else, for maps of at least
+    ``BANDED_MIN_POSITIONS`` positions, as banded matrix products (see above; same values to
+    float rounding); otherwise
     (small maps, CUDA, ``torch.compile``, ``plain_gates``) it is the conv on a channels_last
     input.
     """
@@ -511,7 +532,6 @@ def gate_conv2d(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
         or torch.compiler.is_compiling()
         or exporting()
         or x.device.type != "cpu"
-        or x.shape[2] * x.shape[3] < BANDED_MIN_POSITIONS
         or conv.bias is not None
         or (conv.out_channels, conv.groups) != (1, 1)
         or conv.kernel_size != (k, k)
@@ -521,6 +541,12 @@ def gate_conv2d(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
         or torch.is_autocast_enabled(x.device.type)
         or x.dtype != conv.weight.dtype
     ):
+        return conv(conv_input(x))
+    if x.dtype == torch.float32 and kernel_ready(x):
+        from .fused import kernel_conv2d  # the C++ conv (attention/fused.py)
+
+        return kernel_conv2d(x, conv.weight)
+    if x.shape[2] * x.shape[3] < BANDED_MIN_POSITIONS:
         return conv(conv_input(x))
     return _GateConv2d.apply(x, conv.weight)
 

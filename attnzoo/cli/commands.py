@@ -114,6 +114,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.sweep and (args.timm or args.efficiency):
         raise ValueError("--sweep cannot be combined with --timm or --efficiency")
+    if (args.sweep or args.efficiency) and (args.kernels or args.inference):
+        raise ValueError(
+            "--kernels and --inference apply to the plain bench, not --sweep or --efficiency"
+        )
     args.model = args.model or ("resnet20" if args.sweep else "resnet56")
     args.attentions = args.attentions or (
         list(SWEEP_ATTENTIONS) if args.sweep else ["none", "se", "eca", "cbam", "ham"]
@@ -173,6 +177,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                     batch_size=args.batch_size,
                     input_size=args.input_size,
                     timm=args.timm,
+                    kernels_ab=args.kernels,
+                    inference=args.inference,
                     **common,
                 )
                 text = format_bench(result)

@@ -275,6 +275,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default="auto", help=MEASURE_DEVICE_HELP)
     b.add_argument("--json", action="store_true", help="print JSON")
     b.add_argument("--timm", action="store_true", help="also time timm's se/eca/cbam, same weights")
+    b.add_argument(
+        "--kernels",
+        action="store_true",
+        help="also time each attention with the fused gate kernels off (ATTNZOO_KERNELS=off)",
+    )
+    b.add_argument(
+        "--inference", action="store_true", help="time an eval-mode forward without grad"
+    )
     b.add_argument("--efficiency", action="store_true", help="achieved FLOP/s vs fp32 matmul")
     b.add_argument("--matmul-size", type=int, default=2048, help="n of the n x n reference mm")
     b.add_argument("--sweep", action="store_true", help="step time over batch and input sizes")

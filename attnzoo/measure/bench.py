@@ -38,6 +38,12 @@ are checked equal before timing, on the CPU in fp32, then the model moves to the
 and the table gains "ours / timm", our step time over timm's in the same mode. Attentions
 timm lacks are timed once, as usual.
 
+With ``kernels_ab=True`` (CLI ``--kernels``) every attention is timed a second time with the
+fused gate kernels off (``attnzoo.kernels``, ``ATTNZOO_KERNELS=off``: the PyTorch path), in
+the same round-robin, and the table gains "kernels / off". The header's "Gates:" line names
+the path the kernel rows took (C++, Triton, or PyTorch with the reason). With
+``inference=True`` (``--inference``) the timed step is an eval-mode forward without grad.
+
 The helpers the other measurements share live here: ``as_device``, ``measuring_on`` (the
 CUDA settings for a measurement, restored after it), ``StepTimer`` (the timing of both
 devices), ``is_device_oom`` / ``free_device_memory`` / ``DeviceOutOfMemory``, and the header
@@ -46,6 +52,7 @@ helpers ``where`` and ``machine_lines``.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import re
 import statistics
@@ -56,6 +63,7 @@ from typing import Any
 
 import torch
 
+from .. import kernels
 from ..registry import NO_ATTENTION, create_model
 from ..train.fastpath import autocast, configure_device, device_info, resolve_device
 from ..train.loss import training_loss
@@ -64,6 +72,7 @@ from ..utils.text import plural
 from .timm_compare import TIMM_ATTENTIONS, require_timm, swap_in_timm
 
 MODES = ("eager", "channels_last", "bf16", "compiled")
+KERNELS_OFF = "kernels off"
 
 
 def check_modes(modes: list[str]) -> None:
@@ -232,9 +241,14 @@ def make_step(
     impl: str = "ours",
     check: dict | None = None,
     device: torch.device | str = "cpu",
+    kernels_mode: str | None = None,
+    inference: bool = False,
 ):
-    """A closure running one SGD training step on ``device``, and the model's parameter
-    count.
+    """A closure running one SGD training step on ``device`` (with ``inference``: one
+    forward in eval mode without grad), and the model's parameter count.
+
+    ``kernels_mode`` runs the step under ``attnzoo.kernels.kernels(mode)`` (None: the
+    process's mode).
 
     ``impl="timm"`` replaces our attention modules by timm's with the same weights (checked
     on the CPU, before the move to ``device``); the check's result goes into ``check`` when
@@ -251,7 +265,7 @@ def make_step(
             check.update(report)
     params = sum(p.numel() for p in model.parameters())
     fmt = torch.contiguous_format if mode == "eager" else torch.channels_last
-    model = model.to(device, memory_format=fmt).train()
+    model = model.to(device, memory_format=fmt).train(not inference)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     run = torch.compile(model) if mode == "compiled" else model
     # Drawn on the CPU, as before devices: the same numbers on every device.
@@ -260,14 +274,22 @@ def make_step(
     y = torch.randint(0, classes, (batch,)).to(device)
     precision = "bf16" if mode == "bf16" else "fp32"
 
-    def step() -> None:
-        with autocast(precision, device):
+    def gates() -> contextlib.AbstractContextManager:
+        return kernels.kernels(kernels_mode) if kernels_mode else contextlib.nullcontext()
+
+    def train_step() -> None:
+        with gates(), autocast(precision, device):
             loss = training_loss(run(x), y)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        with gates():
+            loss.backward()
         opt.step()
 
-    return step, params
+    def inference_step() -> None:
+        with gates(), torch.no_grad(), autocast(precision, device):
+            run(x)
+
+    return (inference_step if inference else train_step), params
 
 
 def bench(
@@ -282,6 +304,8 @@ def bench(
     model_kwargs: dict | None = None,
     timm: bool = False,
     device: str | torch.device = "cpu",
+    kernels_ab: bool = False,
+    inference: bool = False,
 ) -> dict[str, Any]:
     """Time every (attention, mode) case on ``device``; see the module docstring.
 
@@ -299,6 +323,8 @@ def bench(
         for a in attentions:
             for m in modes:
                 cases.append((a, "ours", m))
+                if kernels_ab:
+                    cases.append((a, KERNELS_OFF, m))
                 if timm and a in TIMM_ATTENTIONS:
                     cases.append((a, "timm", m))
         steps, params, setup = {}, {}, {}
@@ -318,9 +344,11 @@ def bench(
                     input_size,
                     num_classes,
                     model_kwargs,
-                    impl=impl,
+                    impl="ours" if impl == KERNELS_OFF else impl,
                     check=checks.setdefault(a, {}) if impl == "timm" else None,
                     device=device,
+                    kernels_mode="off" if impl == KERNELS_OFF else None,
+                    inference=inference,
                 )
             for case, step in steps.items():
                 current = case
@@ -360,10 +388,17 @@ def bench(
             "vs_first_mode": t / median[(a, impl, modes[0])],
             "warmup_s": setup[(a, impl, m)],
         }
-        if timm:
+        if timm or kernels_ab:
             row["impl"] = impl
+        if timm:
             # ours / timm, on the timm row (ours is the row just above it).
             row["ours_over_timm"] = median[(a, "ours", m)] / t if impl == "timm" else None
+        if kernels_ab:
+            # the kernels' row over the PyTorch path's, on the kernels-off row
+            off_base = median.get(("none", KERNELS_OFF, m))
+            if impl == KERNELS_OFF:
+                row["vs_plain"] = t / off_base if off_base else None
+            row["kernels_over_off"] = median[(a, "ours", m)] / t if impl == KERNELS_OFF else None
         rows.append(row)
     result = {
         "settings": {
@@ -374,6 +409,8 @@ def bench(
             "repeats": repeats,
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
+            "step": "inference (eval, no grad)" if inference else "training",
+            "gates": kernels.describe(device),
             "machine": machine_info(),
             **device_settings(device),
         },
@@ -391,30 +428,41 @@ def format_bench(result: dict[str, Any]) -> str:
     st = result["settings"]
     rows = result["rows"]
     timm = "timm_check" in result
+    ab = any("kernels_over_off" in r for r in rows)
     plain = {r["mode"]: r["params"] for r in rows if r["attention"] == "none"}
     lines = [
-        f"{st['model']}, training step, batch {st['batch_size']}, "
+        f"{st['model']}, {st.get('step', 'training')} step, batch {st['batch_size']}, "
         f"{st['input_size']}x{st['input_size']}, {where(st)}, "
         f"torch {st['torch']}"
         + (f", timm {st['timm']}" if timm else "")
         + f", median of {st['repeats']} (round-robin)",
         machine_lines(st),
+        f"Gates: {st.get('gates', 'PyTorch')}"
+        + ("; the 'kernels off' rows take the PyTorch path (ATTNZOO_KERNELS=off)" if ab else ""),
         "| attention | mode | params | delta | step ms | images/s | vs no attention "
-        "| vs first mode | warm-up s |" + (" ours / timm |" if timm else ""),
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if timm else ""),
+        "| vs first mode | warm-up s |"
+        + (" ours / timm |" if timm else "")
+        + (" kernels / off |" if ab else ""),
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+        + (" --- |" if timm else "")
+        + (" --- |" if ab else ""),
     ]
     for r in rows:
         base = plain.get(r["mode"])
         delta = f"{r['params'] - base:+,}" if base is not None else "-"
         vs_plain = f"{r['vs_plain']:.2f}x" if r["vs_plain"] else "-"
-        name = r["attention"] + (" (timm)" if r.get("impl") == "timm" else "")
+        impl = r.get("impl")
+        name = r["attention"] + (f" ({impl})" if impl in ("timm", KERNELS_OFF) else "")
         line = (
             f"| {name} | {r['mode']} | {r['params']:,} | {delta} | {r['step_ms']:.1f} "
             f"| {r['images_per_s']:.0f} | {vs_plain} | {r['vs_first_mode']:.2f}x "
             f"| {r['warmup_s']:.1f} |"
         )
         if timm:
-            ratio = r["ours_over_timm"]
+            ratio = r.get("ours_over_timm")
+            line += f" {ratio:.2f}x |" if ratio is not None else " - |"
+        if ab:
+            ratio = r.get("kernels_over_off")
             line += f" {ratio:.2f}x |" if ratio is not None else " - |"
         lines.append(line)
     if result.get("timm_check"):

@@ -1,0 +1,151 @@
+"""The pooled gate of SE, ECA, CBAM and HAM's channel attention on the fused kernels
+(``attnzoo.kernels``), for training and inference.
+
+``out = x * sigmoid(f(mean_d x, max_d x))`` (SE Eq. 2-4, ECA Eq. 1 with the HAM paper's
+Eq. 6, CBAM Eq. 2-3, HAM Eq. 5-7), with d the reduced dims of one branch. Passes over x:
+
+- forward: ``pool`` reads x once for the mean, the max and its argmax; ``apply`` reads x and
+  writes the output;
+- backward: ``dot`` reads grad and x for ``sum_d grad * x`` (the gate's gradient, never
+  stored full-size); ``backward`` reads grad and writes ``grad * w + d mean / |d| + [argmax]
+  * d max`` in one pass.
+
+The small transform f (an MLP, a 1-d conv, a k x k conv) runs as ordinary autograd on the
+pooled descriptors, inside this node. Values equal the plain expression's to float
+rounding; a max tie sends the gradient to the lowest index along d (for a channel gate, the
+first position in row-major H x W order), which is one valid subgradient (the plain path's
+pooling kernel picks its own). Without grad (inference), ``kernel_gate`` takes the same
+two forward passes.
+
+``kernel_conv2d``: the spatial gates' C -> 1 k x k conv (CBAM Eq. 3's f^{7x7}, HAM Eq. 10's
+shared conv, triplet's three branch convs) on the C++ kernel, forward and both gradients:
+direct loops over the k x k taps, vectorised along W (oneDNN leaves most vector lanes idle
+with one output channel, and the banded-matmul route of ``layers.gate_conv2d`` does k times
+the multiplies it needs).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import kernels
+from ..kernels import cpu, views
+
+
+def _descriptors(x, x3, fmt, dims, use_max):  # noqa: ANN001, ANN202
+    total, top, arg = kernels.pool(x3, None, 1, use_max)
+    count = x3.shape[1]
+    mean = views.pooled(total / count, x.shape, fmt, dims).to(x.dtype)
+    top = views.pooled(top, x.shape, fmt, dims).to(x.dtype) if use_max else None
+    return mean, top, arg
+
+
+class _KernelGate(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, branch, fmt, *params):  # noqa: ANN001, ANN205
+        dims, use_max, transform = branch
+        x3 = views.as_ori(x, fmt, dims)
+        mean, top, arg = _descriptors(x, x3, fmt, dims, use_max)
+        leaves = [mean.requires_grad_()] + ([top.requires_grad_()] if use_max else [])
+        with torch.enable_grad():
+            logits = transform(mean, top)
+        weight = torch.sigmoid(logits.detach())
+        gate = views.to_oi(weight, fmt, dims, x.shape)
+        out = views.from_ori(kernels.apply(x3, gate, None, 1), x.shape, fmt)
+        ctx.branch, ctx.fmt, ctx.params = branch, fmt, params
+        ctx.graph = (leaves, logits)
+        ctx.save_for_backward(x, gate, arg)
+        ctx.mark_non_differentiable(weight)
+        ctx.set_materialize_grads(False)
+        return out, weight
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out, _grad_weight):  # noqa: ANN001, ANN205
+        if grad_out is None:
+            return (None, None, None, *(None for _ in ctx.params))
+        x, gate, arg = ctx.saved_tensors
+        (dims, use_max, _), fmt = ctx.branch, ctx.fmt
+        leaves, logits = ctx.graph
+        grad_out = grad_out.to(x.dtype)
+        memory = torch.channels_last if fmt == "nhwc" else torch.contiguous_format
+        if not grad_out.is_contiguous(memory_format=memory):
+            grad_out = grad_out.contiguous(memory_format=memory)
+        x3, g3 = views.as_ori(x, fmt, dims), views.as_ori(grad_out, fmt, dims)
+        grad_gate = views.pooled(kernels.dot(g3, x3, None, 1), x.shape, fmt, dims)
+        weight = views.pooled(gate, x.shape, fmt, dims)
+        grad_logits = (grad_gate * weight * (1 - weight)).sum_to_size(logits.shape)
+        params = [p for p in ctx.params if p.requires_grad]
+        # retain_graph: the small inner graph lives as long as this node (see _PooledGate).
+        grads = torch.autograd.grad(
+            logits,
+            leaves + params,
+            grad_logits.to(logits.dtype),
+            allow_unused=True,
+            retain_graph=True,
+        )
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            count = x3.shape[1]
+            grad_mean = grads[0]
+            grad_max = grads[1] if use_max else None
+            bias = None if grad_mean is None else views.to_oi(grad_mean / count, fmt, dims, x.shape)
+            dmax = None if grad_max is None else views.to_oi(grad_max, fmt, dims, x.shape)
+            grad_x3 = kernels.backward(
+                g3, gate, None, 1, bias, arg if dmax is not None else None, dmax
+            )
+            grad_x = views.from_ori(grad_x3, x.shape, fmt)
+        by_param = dict(zip(map(id, params), grads[len(leaves) :], strict=True))
+        return (grad_x, None, None, *(by_param.get(id(p)) for p in ctx.params))
+
+
+def gate_layout(x: torch.Tensor) -> tuple[torch.Tensor, str]:
+    """x in a layout the kernels read ('nchw' or 'nhwc'), made contiguous if it is neither."""
+    fmt = views.layout(x)
+    if fmt is None:
+        x, fmt = x.contiguous(), "nchw"
+    return x, fmt
+
+
+def kernel_gate(x: torch.Tensor, branch: tuple, params: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x * w, w) for one branch through the kernels: the autograd node when grad is being
+    recorded, else the two forward passes (inference)."""
+    x, fmt = gate_layout(x)
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
+        return _KernelGate.apply(x, branch, fmt, *params)
+    dims, use_max, transform = branch
+    x3 = views.as_ori(x, fmt, dims)
+    mean, top, _ = _descriptors(x, x3, fmt, dims, use_max)
+    weight = torch.sigmoid(transform(mean, top))
+    gate = views.to_oi(weight, fmt, dims, x.shape)
+    return views.from_ori(kernels.apply(x3, gate, None, 1), x.shape, fmt), weight
+
+
+class _KernelConv2d(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight):  # noqa: ANN001, ANN205
+        x = x.contiguous()
+        kernel = weight[0].contiguous()
+        ctx.save_for_backward(x, kernel)
+        ctx.channels_last = x.is_contiguous(memory_format=torch.channels_last)
+        return cpu.conv(x, kernel).unsqueeze(1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y):  # noqa: ANN001, ANN205
+        x, kernel = ctx.saved_tensors
+        g = grad_y[:, 0].float().contiguous()
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = cpu.conv_grad_input(g, kernel, x.shape[1])
+        if ctx.needs_input_grad[1]:
+            grad_w = cpu.conv_grad_weight(g, x, kernel.shape[-1]).unsqueeze(0)
+        return grad_x, grad_w
+
+
+def kernel_conv2d(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """conv2d(x, weight, padding=k // 2) for a float32 CPU x (B, C, H, W) and weight
+    (1, C, k, k), on the C++ kernel; (B, 1, H, W)."""
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return _KernelConv2d.apply(x, weight)
+    return cpu.conv(x.contiguous(), weight[0].contiguous()).unsqueeze(1)
