@@ -15,6 +15,7 @@
 #
 # Steps: 1. the CUDA tests (pytest -m cuda); 2. attnzoo bench on resnet56 (CIFAR input,
 # batch 128) for none se eca cbam ham gam triplet csm, fp32 and bf16, and timm's se/eca/cbam;
+# 2b. the gate kernels (Triton) against the PyTorch path (--kernels), training and inference;
 # 3. resnet50 at 224 px, batch 64, none se cbam ham; 4. one full CIFAR-10 epoch of resnet20
 # and of resnet20 + ham (img/s, loader share); 5. that resnet20 run resumed on the CPU, stopped
 # by SIGINT after some steps (it must save a checkpoint that lists both devices);
@@ -75,6 +76,16 @@ timeout 120 attnzoo bench --device "$device" --model resnet56 $b56 \
     --modes channels_last bf16 --attentions none se eca cbam ham gam triplet csm --timm --json \
     > "$out/bench_resnet56.json" 2> "$out/bench_resnet56.err"
 status bench_resnet56 $?
+
+log "2b. the fused gate kernels (Triton) against the PyTorch path, training and inference"
+timeout 150 attnzoo bench --device "$device" --model resnet56 $b56 --modes channels_last bf16 \
+    --attentions none se eca cbam ham --kernels --json \
+    > "$out/bench_kernels.json" 2> "$out/bench_kernels.err"
+status bench_kernels $?
+timeout 90 attnzoo bench --device "$device" --model resnet56 $b56 --modes channels_last bf16 \
+    --attentions none se eca cbam ham --kernels --inference --json \
+    > "$out/bench_kernels_inference.json" 2> "$out/bench_kernels_inference.err"
+status bench_kernels_inference $?
 
 log "3. resnet50 bench, 224 px, batch 64"
 timeout 120 attnzoo bench --device "$device" --model resnet50 --num-classes 1000 --input-size 224 \
@@ -146,18 +157,22 @@ def bench_table(name):
         print(f"\n{name}: no result ({e})")
         return
     print(f"\n## {name} ({result['settings'].get('device')}, {result['settings'].get('timing')})\n")
-    print("| attention | impl | mode | step ms | img/s | vs plain | ours / timm |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print(f"Gates: {result['settings'].get('gates')}; step: {result['settings'].get('step')}\n")
+    print("| attention | impl | mode | step ms | img/s | vs plain | ours / timm | kernels / off |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in result["rows"]:
         timm = r.get("ours_over_timm")
+        ab = r.get("kernels_over_off")
         print(
             f"| {r['attention']} | {r.get('impl', 'ours')} | {r['mode']} | {r['step_ms']:.2f} | "
             f"{r['images_per_s']:.0f} | {r['vs_plain']:.3f}x | "
-            f"{'' if timm is None else f'{timm:.3f}x'} |"
+            f"{'' if timm is None else f'{timm:.3f}x'} | {'' if ab is None else f'{ab:.3f}x'} |"
         )
 
 
 bench_table("bench_resnet56.json")
+bench_table("bench_kernels.json")
+bench_table("bench_kernels_inference.json")
 bench_table("bench_resnet50.json")
 print("\n## One CIFAR-10 epoch (recipe ham, batch 128)\n")
 print("| model | img/s | epoch s | loader share | test err % | 200-epoch projection |")

@@ -149,3 +149,144 @@ def kernel_conv2d(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return _KernelConv2d.apply(x, weight)
     return cpu.conv(x.contiguous(), weight[0].contiguous()).unsqueeze(1)
+
+
+# --- several single-dim branches at once (triplet attention) -------------------------------
+#
+# Triplet (Misra et al., WACV 2021, Eq. 1-3) gates a map by the mean of three gates, pooled
+# over C, H and W. In memory order the map is [N, D1, D2, D3] (NCHW: C, H, W; NHWC: H, W, C);
+# ``cpu.tri_pool`` reduces over all three dims in one pass, ``cpu.tri_dot`` forms the three
+# gate gradients in one pass, and ``cpu.tri_broadcast`` applies the summed gates (or forms
+# the input gradient with the three mean and max terms) in one pass: 4 passes over the map
+# for forward and backward, against about 12 on the PyTorch path.
+_SLOTS = {"nchw": {1: 0, 2: 1, 3: 2}, "nhwc": {2: 0, 3: 1, 1: 2}}
+
+
+def tri_ready(x: torch.Tensor, branches: tuple) -> bool:
+    """Whether ``branches`` fit the triplet kernels: 2-3 branches, each over one distinct
+    non-batch dim, all with or all without max pooling, a CPU map."""
+    dims = [d for d, _, _ in branches]
+    return (
+        x.device.type == "cpu"
+        and 1 < len(branches) <= 3
+        and all(len(d) == 1 and d[0] in (1, 2, 3) for d in dims)
+        and len({d[0] for d in dims}) == len(dims)
+        and len({use_max for _, use_max, _ in branches}) == 1
+    )
+
+
+def _tri_descriptors(x, x4, fmt, branches):  # noqa: ANN001, ANN202
+    which = [False, False, False]
+    for dims, _, _ in branches:
+        which[_SLOTS[fmt][dims[0]]] = True
+    use_max = branches[0][1]
+    pooled = cpu.tri_pool(x4, tuple(which), use_max)
+    out = []
+    for dims, _, _ in branches:
+        total, top, arg = pooled[_SLOTS[fmt][dims[0]]]
+        mean = views.pooled(total / x.shape[dims[0]], x.shape, fmt, dims).to(x.dtype)
+        top = views.pooled(top, x.shape, fmt, dims).to(x.dtype) if use_max else None
+        out.append((mean, top, arg))
+    return out
+
+
+def _tri_terms(fmt, branches, per_branch):  # noqa: ANN001, ANN202
+    """The kernels' per-slot term tuples from per-branch ones."""
+    terms = [None, None, None]
+    for (dims, _, _), term in zip(branches, per_branch, strict=True):
+        terms[_SLOTS[fmt][dims[0]]] = term
+    return terms
+
+
+def _as_memory(x: torch.Tensor, fmt: str) -> torch.Tensor:
+    return x.permute(views._ORDER[fmt])
+
+
+class _KernelTriGate(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, branches, fmt, *params):  # noqa: ANN001, ANN205
+        x4 = _as_memory(x, fmt)
+        leaves, logits, scaled, args = [], [], [], []
+        for (dims, _, transform), (mean, top, arg) in zip(
+            branches, _tri_descriptors(x, x4, fmt, branches), strict=True
+        ):
+            pooled = [mean.requires_grad_()] + ([top.requires_grad_()] if top is not None else [])
+            with torch.enable_grad():
+                out = transform(mean, top)
+            leaves.append(pooled)
+            logits.append(out)
+            gate = torch.sigmoid(out.detach())
+            scaled.append(views.to_oi(gate, fmt, dims, x.shape) / len(branches))
+            args.append(arg)
+        terms = _tri_terms(fmt, branches, [(g, None, None, None) for g in scaled])
+        ctx.branches, ctx.fmt, ctx.params = branches, fmt, params
+        ctx.graph = (leaves, logits)
+        ctx.save_for_backward(x, *scaled, *(a if a is not None else x.new_empty(0) for a in args))
+        ctx.set_materialize_grads(False)
+        return views.from_ori(cpu.tri_broadcast(x4, terms), x.shape, fmt)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):  # noqa: ANN001, ANN205
+        if grad_out is None:
+            return (None, None, None, *(None for _ in ctx.params))
+        branches, fmt = ctx.branches, ctx.fmt
+        x, *rest = ctx.saved_tensors
+        nb = len(branches)
+        scaled, args = rest[:nb], rest[nb:]
+        leaves, logits = ctx.graph
+        memory = torch.channels_last if fmt == "nhwc" else torch.contiguous_format
+        grad_out = grad_out.to(x.dtype)
+        if not grad_out.is_contiguous(memory_format=memory):
+            grad_out = grad_out.contiguous(memory_format=memory)
+        x4, g4 = _as_memory(x, fmt), _as_memory(grad_out, fmt)
+        which = [False, False, False]
+        for dims, _, _ in branches:
+            which[_SLOTS[fmt][dims[0]]] = True
+        dots = cpu.tri_dot(g4, x4, tuple(which))
+        grad_logits = []
+        for (dims, _, _), gate, out in zip(branches, scaled, logits, strict=True):
+            grad_gate = views.pooled(dots[_SLOTS[fmt][dims[0]]], x.shape, fmt, dims)
+            w = views.pooled(gate, x.shape, fmt, dims) * nb
+            grad_logits.append((grad_gate * w * (1 - w) / nb).sum_to_size(out.shape).to(out.dtype))
+        params = [p for p in ctx.params if p.requires_grad]
+        inputs = [t for pooled in leaves for t in pooled] + params
+        grads = list(
+            torch.autograd.grad(logits, inputs, grad_logits, allow_unused=True, retain_graph=True)
+        )
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            per_branch = []
+            for (dims, use_max, _), gate, arg in zip(branches, scaled, args, strict=True):
+                grad_mean = grads.pop(0)
+                grad_max = grads.pop(0) if use_max else None
+                bias = (
+                    None
+                    if grad_mean is None
+                    else views.to_oi(grad_mean / x.shape[dims[0]], fmt, dims, x.shape)
+                )
+                dmax = None if grad_max is None else views.to_oi(grad_max, fmt, dims, x.shape)
+                per_branch.append((gate, bias, arg if dmax is not None else None, dmax))
+            grad_x4 = cpu.tri_broadcast(g4, _tri_terms(fmt, branches, per_branch))
+            grad_x = views.from_ori(grad_x4, x.shape, fmt)
+        else:
+            grads = grads[sum(1 + b[1] for b in branches) :]
+        param_grads = grads[len(grads) - len(params) :] if params else []
+        by_param = dict(zip(map(id, params), param_grads, strict=True))
+        return (grad_x, None, None, *(by_param.get(id(p)) for p in ctx.params))
+
+
+def kernel_tri_gate(x: torch.Tensor, branches: tuple, params: tuple) -> torch.Tensor:
+    """x * mean_b sigmoid(f_b(pools_b(x))) for triplet's branches on the kernels (see
+    ``tri_ready``); the averaged gate itself is never formed."""
+    x, fmt = gate_layout(x)
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
+        return _KernelTriGate.apply(x, branches, fmt, *params)
+    scaled = []
+    for (dims, _, transform), (mean, top, _) in zip(
+        branches, _tri_descriptors(x, _as_memory(x, fmt), fmt, branches), strict=True
+    ):
+        gate = torch.sigmoid(transform(mean, top))
+        scaled.append(views.to_oi(gate, fmt, dims, x.shape) / len(branches))
+    terms = _tri_terms(fmt, branches, [(g, None, None, None) for g in scaled])
+    return views.from_ori(cpu.tri_broadcast(_as_memory(x, fmt), terms), x.shape, fmt)

@@ -401,6 +401,9 @@ def pooled_gate(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(x * w, w) with w = mean over branches of sigmoid(transform(mean_d(x), max_d(x))).
 
+    On the fused kernels (``attnzoo.kernels``; ``fused.py``) a multi-branch gate (triplet)
+    returns (x * w, None): the averaged gate is never formed there.
+
     Each branch is ``(dims, use_max, transform)``: dims one of (2, 3) (a channel gate),
     (1,) (a spatial gate), (2,) or (3,) (triplet's C-W and C-H maps); ``transform(mean,
     max)`` gets the pooled descriptors with the pooled dims kept at size 1 (``max`` is None
@@ -416,10 +419,13 @@ def pooled_gate(
     ``torch.compile`` (whose compiler fuses the plain expression itself), it is the plain
     expression.
     """
-    if len(branches) == 1 and kernel_ready(x):
-        from .fused import kernel_gate  # the kernels' node (attention/fused.py)
+    if kernel_ready(x):
+        from . import fused  # the kernels' nodes (attention/fused.py)
 
-        return kernel_gate(x, branches[0], params)
+        if len(branches) == 1:
+            return fused.kernel_gate(x, branches[0], params)
+        if fused.tri_ready(x, branches):
+            return fused.kernel_tri_gate(x, branches, params), None
     if not use_fused(x, *params):
         return _plain_gate(x, branches)
     if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
@@ -519,12 +525,13 @@ class _GateConv2d(torch.autograd.Function):
 def gate_conv2d(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     """``conv(x)`` for a spatial gate's bias-free C -> 1 k x k conv with "same" padding.
 
-    In eager mode on the CPU in float32 it runs on the C++ kernel of ``attnzoo.kernels``
-    (``fused.kernel_conv2d``) where the kernels are on; else, for maps of at least
-    ``BANDED_MIN_POSITIONS`` positions, as banded matrix products (see above; same values to
-    float rounding); otherwise
-    (small maps, CUDA, ``torch.compile``, ``plain_gates``) it is the conv on a channels_last
-    input.
+    In eager mode on the CPU it runs on the C++ kernel of ``attnzoo.kernels``
+    (``fused.kernel_conv2d``) where the kernels are on, in float32 (also under bf16
+    autocast: the descriptor maps are small, and the float32 logits are what the gates'
+    sigmoid gets anyway). Without the kernels, in float32 and for maps of at least
+    ``BANDED_MIN_POSITIONS`` positions, it runs as banded matrix products (see above; same
+    values to float rounding); otherwise (small maps, CUDA, ``torch.compile``,
+    ``plain_gates``, autocast without the kernels) it is the conv on a channels_last input.
     """
     k = conv.kernel_size[0]
     if (
@@ -538,15 +545,18 @@ def gate_conv2d(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
         or conv.padding != (k // 2, k // 2)
         or conv.stride != (1, 1)
         or conv.dilation != (1, 1)
-        or torch.is_autocast_enabled(x.device.type)
-        or x.dtype != conv.weight.dtype
     ):
         return conv(conv_input(x))
-    if x.dtype == torch.float32 and kernel_ready(x):
-        from .fused import kernel_conv2d  # the C++ conv (attention/fused.py)
+    if conv.weight.dtype == torch.float32 and x.dtype in (torch.float32, torch.bfloat16):
+        if kernel_ready(x):
+            from .fused import kernel_conv2d  # the C++ conv (attention/fused.py)
 
-        return kernel_conv2d(x, conv.weight)
-    if x.shape[2] * x.shape[3] < BANDED_MIN_POSITIONS:
+            return kernel_conv2d(x.float(), conv.weight)
+    if (
+        torch.is_autocast_enabled(x.device.type)
+        or x.dtype != conv.weight.dtype
+        or x.shape[2] * x.shape[3] < BANDED_MIN_POSITIONS
+    ):
         return conv(conv_input(x))
     return _GateConv2d.apply(x, conv.weight)
 

@@ -117,6 +117,9 @@ def _build() -> ctypes.CDLL:
     lib.attnzoo_gate_conv.argtypes = [i32, ptr, ptr, i64, i64, i64, i64, ptr, i64, ptr, i32]
     lib.attnzoo_gate_reduce.restype = lib.attnzoo_gate_broadcast.restype = i32
     lib.attnzoo_gate_conv.restype = i32
+    lib.attnzoo_tri_reduce.argtypes = [i32, ptr, ptr, i64, i64, i64, i64] + [ptr] * 9 + [i32, i32]
+    lib.attnzoo_tri_broadcast.argtypes = [i32, ptr, i64, i64, i64, i64] + [ptr] * 13 + [i32]
+    lib.attnzoo_tri_reduce.restype = lib.attnzoo_tri_broadcast.restype = i32
     _state["path"] = str(target)
     return lib
 
@@ -156,7 +159,11 @@ def supports(x: torch.Tensor) -> bool:
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
+    if t is None:
+        return None
+    if not t.is_contiguous():
+        raise ValueError("the gate kernels take contiguous tensors")
+    return t.data_ptr()
 
 
 def _check(rc: int) -> None:
@@ -285,6 +292,84 @@ def conv_grad_weight(grad: torch.Tensor, x: torch.Tensor, k: int) -> torch.Tenso
     _check(
         library().attnzoo_gate_conv(
             2, _ptr(x), _ptr(grad), b, c, h, w, None, k, _ptr(out), torch.get_num_threads()
+        )
+    )
+    return out
+
+
+def _tri_shapes(n: int, d1: int, d2: int, d3: int) -> tuple[tuple[int, ...], ...]:
+    return (n, d2 * d3), (n, d1 * d3), (n, d1 * d2)
+
+
+def tri_pool(x: torch.Tensor, which: tuple[bool, bool, bool], want_max: bool):  # noqa: ANN201
+    """Triplet's reductions of x [N, D1, D2, D3] (contiguous, memory order) over D1, D2 and
+    D3 (those ``which`` asks for), one pass: per branch (sum, max, argmax) as [N, rest]
+    float32/int32 tensors, or None."""
+    n, d1, d2, d3 = x.shape
+    results, pointers = [], []
+    for wanted, shape in zip(which, _tri_shapes(n, d1, d2, d3), strict=True):
+        if not wanted:
+            results.append(None)
+            pointers += [None, None, None]
+            continue
+        total = torch.empty(shape, dtype=torch.float32)
+        top = torch.empty(shape, dtype=torch.float32) if want_max else None
+        arg = torch.empty(shape, dtype=torch.int32) if want_max else None
+        results.append((total, top, arg))
+        pointers += [_ptr(total), _ptr(top), _ptr(arg)]
+    _check(
+        library().attnzoo_tri_reduce(
+            DTYPES[x.dtype],
+            _ptr(x),
+            None,
+            n,
+            d1,
+            d2,
+            d3,
+            *pointers,
+            int(want_max),
+            torch.get_num_threads(),
+        )
+    )
+    return results
+
+
+def tri_dot(grad: torch.Tensor, x: torch.Tensor, which: tuple[bool, bool, bool]):  # noqa: ANN201
+    """sum of grad * x over D1, D2, D3 (those asked for), one pass: [N, rest] float32 each."""
+    n, d1, d2, d3 = x.shape
+    results, pointers = [], []
+    for wanted, shape in zip(which, _tri_shapes(n, d1, d2, d3), strict=True):
+        total = torch.empty(shape, dtype=torch.float32) if wanted else None
+        results.append(total)
+        pointers += [_ptr(total), None, None]
+    _check(
+        library().attnzoo_tri_reduce(
+            DTYPES[x.dtype],
+            _ptr(grad),
+            _ptr(x),
+            n,
+            d1,
+            d2,
+            d3,
+            *pointers,
+            0,
+            torch.get_num_threads(),
+        )
+    )
+    return results
+
+
+def tri_broadcast(x: torch.Tensor, terms) -> torch.Tensor:  # noqa: ANN001
+    """x * round(sum of the branches' gates) + their bias and max terms; ``terms`` is one
+    (gate, bias, argmax, dmax) tuple (entries may be None) or None per branch."""
+    n, d1, d2, d3 = x.shape
+    pointers = []
+    for term in terms:
+        pointers += [None] * 4 if term is None else [_ptr(t) for t in term]
+    out = torch.empty_like(x)
+    _check(
+        library().attnzoo_tri_broadcast(
+            DTYPES[x.dtype], _ptr(x), n, d1, d2, d3, *pointers, _ptr(out), torch.get_num_threads()
         )
     )
     return out

@@ -166,6 +166,11 @@ void broadcast(const T* x, int64_t O, int64_t R, int64_t I, const int8_t* groups
                int64_t N, const float* gate, const float* bias, const int32_t* am,
                const float* dmax, T* out, int threads) {
   const int64_t per_n = O / N;
+  std::vector<float> masks;
+  if (groups && I == 1 && G <= 2) {
+    masks.resize(N * R);
+    for (int64_t k = 0; k < N * R; ++k) masks[k] = groups[k] != 0 ? 1.f : 0.f;
+  }
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t o = 0; o < O; ++o) {
     const T* xo = x + o * R * I;
@@ -197,13 +202,14 @@ void broadcast(const T* x, int64_t O, int64_t R, int64_t I, const int8_t* groups
         }
         continue;
       }
-      if (G <= 2) {  // a select instead of a lookup: vectorises
-        const float g0 = gq[0], g1 = G > 1 ? gq[1] : gq[0];
-        const float b0 = bq[0], b1 = G > 1 ? bq[1] : bq[0];
+      if (G <= 2) {  // a blend by the sample's 0/1 group mask instead of a lookup: vectorises
+        const float* mk = masks.data() + (o / per_n) * R;
+        const float g0 = gq[0], dg = (G > 1 ? gq[1] : gq[0]) - g0;
+        const float b0 = bq[0], db = (G > 1 ? bq[1] : bq[0]) - b0;
+#pragma omp simd
         for (int64_t r = 0; r < R; ++r) {
-          const bool second = grp[r] != 0;
-          float v = to_float(xo[r]) * (second ? g1 : g0);
-          if (BIAS) v += second ? b1 : b0;
+          float v = to_float(xo[r]) * (g0 + mk[r] * dg);
+          if (BIAS) v += b0 + mk[r] * db;
           store(out_o + r, v);
         }
       } else {
@@ -392,6 +398,125 @@ void conv_backward_weight(const float* grad, const float* in, int64_t B, int64_t
     for (int64_t t = 0; t < taps; ++t) grad_w[t] += static_cast<float>(partial[th * taps + t]);
 }
 
+
+// --- triplet attention: the three single-dim reductions of one map in one pass -------------
+// x is [N, D1, D2, D3] in memory order. Branch k reduces dim Dk: its results are indexed by
+// the other two dims, in memory order ([N, D2, D3], [N, D1, D3], [N, D1, D2]). A branch
+// whose sum pointer is null is skipped. Max ties keep the lowest index, NaN is the max.
+struct Branch {
+  float* sum;
+  float* mx;
+  int32_t* am;
+};
+
+template <typename T, bool PRODUCT>
+void tri_reduce(const T* a, const T* b, int64_t N, int64_t D1, int64_t D2, int64_t D3,
+                Branch k1, Branch k2, Branch k3, bool want_max, int threads) {
+  const float inf = std::numeric_limits<float>::infinity();
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t n = 0; n < N; ++n) {
+    float* s1 = k1.sum ? k1.sum + n * D2 * D3 : nullptr;
+    float* s2 = k2.sum ? k2.sum + n * D1 * D3 : nullptr;
+    float* s3 = k3.sum ? k3.sum + n * D1 * D2 : nullptr;
+    float* m1 = want_max && s1 ? k1.mx + n * D2 * D3 : nullptr;
+    float* m2 = want_max && s2 ? k2.mx + n * D1 * D3 : nullptr;
+    float* m3 = want_max && s3 ? k3.mx + n * D1 * D2 : nullptr;
+    int32_t* i1 = m1 ? k1.am + n * D2 * D3 : nullptr;
+    int32_t* i2 = m2 ? k2.am + n * D1 * D3 : nullptr;
+    int32_t* i3 = m3 ? k3.am + n * D1 * D2 : nullptr;
+    if (s1) std::fill(s1, s1 + D2 * D3, 0.f);
+    if (s2) std::fill(s2, s2 + D1 * D3, 0.f);
+    if (m1) {
+      std::fill(m1, m1 + D2 * D3, -inf);
+      std::fill(i1, i1 + D2 * D3, -1);
+    }
+    if (m2) {
+      std::fill(m2, m2 + D1 * D3, -inf);
+      std::fill(i2, i2 + D1 * D3, -1);
+    }
+    const T* an = a + n * D1 * D2 * D3;
+    const T* bn = PRODUCT ? b + n * D1 * D2 * D3 : nullptr;
+    for (int64_t d1 = 0; d1 < D1; ++d1)
+      for (int64_t d2 = 0; d2 < D2; ++d2) {
+        const T* row = an + (d1 * D2 + d2) * D3;
+        const T* row_b = PRODUCT ? bn + (d1 * D2 + d2) * D3 : nullptr;
+        float* r1 = s1 ? s1 + d2 * D3 : nullptr;
+        float* r2 = s2 ? s2 + d1 * D3 : nullptr;
+        float total = 0.f, best = -inf;
+        int32_t arg = -1;
+        for (int64_t d3 = 0; d3 < D3; ++d3) {
+          float v = to_float(row[d3]);
+          if (PRODUCT) v *= to_float(row_b[d3]);
+          if (r1) r1[d3] += v;
+          if (r2) r2[d3] += v;
+          total += v;
+          if (m1) {
+            float* mm = m1 + d2 * D3;
+            int32_t* ii = i1 + d2 * D3;
+            bool t = takes(v, mm[d3], ii[d3]);
+            mm[d3] = t ? v : mm[d3];
+            ii[d3] = t ? static_cast<int32_t>(d1) : ii[d3];
+          }
+          if (m2) {
+            float* mm = m2 + d1 * D3;
+            int32_t* ii = i2 + d1 * D3;
+            bool t = takes(v, mm[d3], ii[d3]);
+            mm[d3] = t ? v : mm[d3];
+            ii[d3] = t ? static_cast<int32_t>(d2) : ii[d3];
+          }
+          if (m3 && takes(v, best, arg)) {
+            best = v;
+            arg = static_cast<int32_t>(d3);
+          }
+        }
+        if (s3) s3[d1 * D2 + d2] = total;
+        if (m3) {
+          m3[d1 * D2 + d2] = best;
+          i3[d1 * D2 + d2] = arg;
+        }
+      }
+  }
+}
+
+struct Terms {
+  const float* gate;  // the branch's gate (already scaled by 1 / branches)
+  const float* bias;
+  const int32_t* am;
+  const float* dmax;
+};
+
+// out = x * round(g1 + g2 + g3) (+ the branches' bias and max terms): the forward product, or
+// the input gradient with grad for x.
+template <typename T>
+void tri_broadcast(const T* x, int64_t N, int64_t D1, int64_t D2, int64_t D3, Terms k1, Terms k2,
+                   Terms k3, T* out, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t d1 = 0; d1 < D1; ++d1)
+      for (int64_t d2 = 0; d2 < D2; ++d2) {
+        const int64_t base = ((n * D1 + d1) * D2 + d2) * D3;
+        const T* row = x + base;
+        T* dst = out + base;
+        const int64_t o1 = n * D2 * D3 + d2 * D3, o2 = n * D1 * D3 + d1 * D3;
+        const int64_t o3 = (n * D1 + d1) * D2 + d2;
+        const float g3 = k3.gate ? k3.gate[o3] : 0.f;
+        float b3 = k3.bias ? k3.bias[o3] : 0.f;
+        const int32_t a3 = k3.am ? k3.am[o3] : -1;
+        for (int64_t d3 = 0; d3 < D3; ++d3) {
+          // (g1 + g2) + g3: the order of the PyTorch path's sum, so rounding agrees
+          float g = k1.gate ? k1.gate[o1 + d3] : 0.f, b = b3;
+          if (k2.gate) g = k1.gate ? g + k2.gate[o2 + d3] : k2.gate[o2 + d3];
+          if (k3.gate) g = (k1.gate || k2.gate) ? g + g3 : g3;
+          if (k1.bias) b += k1.bias[o1 + d3];
+          if (k2.bias) b += k2.bias[o2 + d3];
+          if (k1.am && k1.am[o1 + d3] == d1) b += k1.dmax[o1 + d3];
+          if (k2.am && k2.am[o2 + d3] == d2) b += k2.dmax[o2 + d3];
+          if (a3 == d3) b += k3.dmax[o3];
+          store(dst + d3, to_float(row[d3]) * rounded(g, x) + b);
+        }
+      }
+}
+
 }  // namespace
 
 extern "C" {
@@ -440,6 +565,53 @@ int attnzoo_gate_conv(int what, const float* in, const float* grad, int64_t B, i
     conv_backward_input(grad, B, C, H, W, wt, k, out, threads);
   else if (what == 2)
     conv_backward_weight(grad, in, B, C, H, W, k, out, threads);
+  else
+    return 2;
+  return 0;
+}
+
+// Triplet's reductions (see tri_reduce); b non-null: of a * b, sums only.
+int attnzoo_tri_reduce(int dtype, const void* a, const void* b, int64_t N, int64_t D1,
+                       int64_t D2, int64_t D3, float* s1, float* m1, int32_t* i1, float* s2,
+                       float* m2, int32_t* i2, float* s3, float* m3, int32_t* i3,
+                       int want_max, int threads) {
+  Branch k1{s1, m1, i1}, k2{s2, m2, i2}, k3{s3, m3, i3};
+  const bool wm = want_max && !b;
+  if (dtype == 0) {
+    if (b)
+      tri_reduce<float, true>(static_cast<const float*>(a), static_cast<const float*>(b), N, D1,
+                              D2, D3, k1, k2, k3, false, threads);
+    else
+      tri_reduce<float, false>(static_cast<const float*>(a), nullptr, N, D1, D2, D3, k1, k2, k3,
+                               wm, threads);
+  } else if (dtype == 1) {
+    if (b)
+      tri_reduce<bf16, true>(static_cast<const bf16*>(a), static_cast<const bf16*>(b), N, D1, D2,
+                             D3, k1, k2, k3, false, threads);
+    else
+      tri_reduce<bf16, false>(static_cast<const bf16*>(a), nullptr, N, D1, D2, D3, k1, k2, k3, wm,
+                              threads);
+  } else {
+    return 2;
+  }
+  return 0;
+}
+
+// Triplet's product / input gradient (see tri_broadcast); per branch: gate, bias, argmax,
+// dmax (null: absent).
+int attnzoo_tri_broadcast(int dtype, const void* x, int64_t N, int64_t D1, int64_t D2,
+                          int64_t D3, const float* g1, const float* b1, const int32_t* a1,
+                          const float* d1, const float* g2, const float* b2, const int32_t* a2,
+                          const float* d2, const float* g3, const float* b3, const int32_t* a3,
+                          const float* d3, void* out, int threads) {
+  Terms k1{g1, b1, d1 ? a1 : nullptr, d1}, k2{g2, b2, d2 ? a2 : nullptr, d2};
+  Terms k3{g3, b3, d3 ? a3 : nullptr, d3};
+  if (dtype == 0)
+    tri_broadcast<float>(static_cast<const float*>(x), N, D1, D2, D3, k1, k2, k3,
+                         static_cast<float*>(out), threads);
+  else if (dtype == 1)
+    tri_broadcast<bf16>(static_cast<const bf16*>(x), N, D1, D2, D3, k1, k2, k3,
+                        static_cast<bf16*>(out), threads);
   else
     return 2;
   return 0;

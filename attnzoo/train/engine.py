@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from .. import kernels
 from ..data import Dataset, Loader, LoaderSettings, load_dataset
 from ..data.augment import attach_augment, build_augment
 from ..data.folder import default_workers
@@ -628,6 +629,7 @@ class Trainer:
             ),
             "precision": self.precision,
             "compiled": self.compiled,
+            "gates": kernels.describe(self.device),
             "machine": machine_info(),
             "devices": self.devices,
             "wall_time": self.wall_time,
@@ -664,6 +666,8 @@ def train(
         )
         log(f"device {trainer.device_line}")
         log(f"precision {trainer.precision} ({trainer.precision_reason})")
+        if cfg.attention:
+            log(f"attention gates: {kernels.describe(trainer.device)}")
         if trainer.compiled:
             log(f"torch.compile ({trainer.compile_reason}); the first steps compile")
         with GracefulStop() as stop, trainer.loggers:
