@@ -204,12 +204,15 @@ void broadcast(const T* x, int64_t O, int64_t R, int64_t I, const int8_t* groups
       }
       if (G <= 2) {  // a blend by the sample's 0/1 group mask instead of a lookup: vectorises
         const float* mk = masks.data() + (o / per_n) * R;
-        const float g0 = gq[0], dg = (G > 1 ? gq[1] : gq[0]) - g0;
-        const float b0 = bq[0], db = (G > 1 ? bq[1] : bq[0]) - b0;
+        // g0 * (1 - m) + g1 * m is exactly g0 or g1 for m in {0, 1} (g0 + m * (g1 - g0) is
+        // not: g0 + (g1 - g0) can miss g1 by an ulp).
+        const float g0 = gq[0], g1 = G > 1 ? gq[1] : gq[0];
+        const float b0 = bq[0], b1 = G > 1 ? bq[1] : bq[0];
 #pragma omp simd
         for (int64_t r = 0; r < R; ++r) {
-          float v = to_float(xo[r]) * (g0 + mk[r] * dg);
-          if (BIAS) v += b0 + mk[r] * db;
+          const float m = mk[r], keep = 1.f - m;
+          float v = to_float(xo[r]) * (g0 * keep + g1 * m);
+          if (BIAS) v += b0 * keep + b1 * m;
           store(out_o + r, v);
         }
       } else {

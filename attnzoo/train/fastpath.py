@@ -238,11 +238,14 @@ def macs_per_image(model: nn.Module, in_chans: int, image_size: tuple[int, int])
     """Forward multiply-accumulates of one image (eval mode, so BN statistics stay put)."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    from .. import kernels
+
     was_training = model.training
     model.eval()
     try:
         x = torch.zeros(1, in_chans, *image_size)
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        # kernels off: the counter sees aten ops only, not the gate kernels (attnzoo.kernels)
+        with torch.no_grad(), kernels.kernels("off"), FlopCounterMode(display=False) as counter:
             model(x)
     finally:
         model.train(was_training)
