@@ -35,7 +35,11 @@ Options:
   (above); ``"mean_max"`` (default) is Eq. 3's. No effect with ``max_pool=False``.
 
 Implementation: each gate (pooling, MLP or conv + BN, sigmoid, scaling) runs as one fused
-autograd node (``layers.pooled_gate``): same values, fewer passes over F in backward.
+autograd node (``layers.pooled_gate``): same values, fewer passes over F in backward. On the CPU (float32, bf16) and on CUDA
+(Triton) the node runs on the fused gate kernels of ``attnzoo.kernels`` (``attention/fused.py``:
+one read of the map per pass, 4 passes forward and backward); ``ATTNZOO_KERNELS=off`` or
+``layers.plain_gates()`` selects the PyTorch path.
+The spatial gate's 7 x 7 conv runs on the kernels' direct conv (``layers.gate_conv2d``).
 """
 
 from __future__ import annotations

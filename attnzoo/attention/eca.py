@@ -14,7 +14,10 @@ repository's ``eca_layer`` takes k as an argument (default 3) and its ResNets pa
 (For C = 16..64 the adaptive k is 3 too; they differ from C = 128 on.)
 
 Implementation: pooling, the 1-D conv, the sigmoid and the scaling run as one fused
-autograd node (``layers.pooled_gate``): same values, fewer passes over F in backward.
+autograd node (``layers.pooled_gate``): same values, fewer passes over F in backward. On the CPU (float32, bf16) and on CUDA
+(Triton) the node runs on the fused gate kernels of ``attnzoo.kernels`` (``attention/fused.py``:
+one read of the map per pass, 4 passes forward and backward); ``ATTNZOO_KERNELS=off`` or
+``layers.plain_gates()`` selects the PyTorch path.
 """
 
 from __future__ import annotations

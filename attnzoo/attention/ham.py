@@ -54,6 +54,15 @@ with fewer passes over the feature map. The group sums are one batched matmul wi
 (N, C, 2) group indicator; each group's channel max is taken over the channels of that group
 (gathered important-first), then max'ed with 0, which is the max over the masked tensor
 F'_i (its other group's channels are zeros).
+
+On the CPU (float32, bf16) and on CUDA (Triton) both steps run on the fused gate kernels of
+``attnzoo.kernels`` instead (``attention/fused.py`` for the channel step,
+``_KernelSeparatedGate`` here): one grouped pass gives both groups' channel sums, maxes and
+argmaxes (the int8 (N, C) group table replaces the gather), one pass applies
+where(mask, A_S,1, A_S,2), and backward is one grouped dot pass and one pass for the input
+gradient. A tie for a group's max sends its gradient to the lowest channel index there (the
+PyTorch node: the highest-weighted). ``ATTNZOO_KERNELS=off`` or ``layers.plain_gates()``
+selects the PyTorch paths.
 """
 
 from __future__ import annotations

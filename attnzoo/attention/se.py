@@ -13,7 +13,10 @@ Hidden width (the paper leaves C/r non-integer cases open): ``rd_rule="floor"`` 
 On a CIFAR ResNet-20 the floor rule adds 2,373 parameters and round8 adds 5,784 (2.4x).
 
 Implementation: squeeze, excitation and scaling run as one fused autograd node
-(``layers.pooled_gate``): same values, a hand-written backward with fewer passes over u.
+(``layers.pooled_gate``): same values, a hand-written backward with fewer passes over u. On the CPU (float32, bf16) and on CUDA
+(Triton) the node runs on the fused gate kernels of ``attnzoo.kernels`` (``attention/fused.py``:
+one read of the map per pass, 4 passes forward and backward); ``ATTNZOO_KERNELS=off`` or
+``layers.plain_gates()`` selects the PyTorch path.
 """
 
 from __future__ import annotations

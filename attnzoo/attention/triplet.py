@@ -38,7 +38,10 @@ Implementation: no tensor is rotated. Each branch pools F directly over its axis
 C), the small pooled maps are transposed into the (rows, cols) layout above for the conv,
 and y = F * 1/3 (g1 + g2 + g3) with the three gates broadcast, all as one fused autograd
 node (``layers.pooled_gate``): the same values as the three-branch expression to float
-rounding, with one multiply over F instead of three.
+rounding, with one multiply over F instead of three. On the CPU (float32, bf16) with the
+fused gate kernels (``attnzoo.kernels``, ``attention/fused.py``) the three poolings are one
+pass over F (``tri_pool``), the product another, and backward two more (``tri_dot``,
+``tri_broadcast``); the averaged gate is never formed. CUDA takes the PyTorch node.
 """
 
 from __future__ import annotations

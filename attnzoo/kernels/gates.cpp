@@ -416,68 +416,95 @@ template <typename T, bool PRODUCT>
 void tri_reduce(const T* a, const T* b, int64_t N, int64_t D1, int64_t D2, int64_t D3,
                 Branch k1, Branch k2, Branch k3, bool want_max, int threads) {
   const float inf = std::numeric_limits<float>::infinity();
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t n = 0; n < N; ++n) {
-    float* s1 = k1.sum ? k1.sum + n * D2 * D3 : nullptr;
-    float* s2 = k2.sum ? k2.sum + n * D1 * D3 : nullptr;
-    float* s3 = k3.sum ? k3.sum + n * D1 * D2 : nullptr;
-    float* m1 = want_max && s1 ? k1.mx + n * D2 * D3 : nullptr;
-    float* m2 = want_max && s2 ? k2.mx + n * D1 * D3 : nullptr;
-    float* m3 = want_max && s3 ? k3.mx + n * D1 * D2 : nullptr;
-    int32_t* i1 = m1 ? k1.am + n * D2 * D3 : nullptr;
-    int32_t* i2 = m2 ? k2.am + n * D1 * D3 : nullptr;
-    int32_t* i3 = m3 ? k3.am + n * D1 * D2 : nullptr;
-    if (s1) std::fill(s1, s1 + D2 * D3, 0.f);
-    if (s2) std::fill(s2, s2 + D1 * D3, 0.f);
-    if (m1) {
-      std::fill(m1, m1 + D2 * D3, -inf);
-      std::fill(i1, i1 + D2 * D3, -1);
-    }
-    if (m2) {
-      std::fill(m2, m2 + D1 * D3, -inf);
-      std::fill(i2, i2 + D1 * D3, -1);
-    }
-    const T* an = a + n * D1 * D2 * D3;
-    const T* bn = PRODUCT ? b + n * D1 * D2 * D3 : nullptr;
-    for (int64_t d1 = 0; d1 < D1; ++d1)
-      for (int64_t d2 = 0; d2 < D2; ++d2) {
-        const T* row = an + (d1 * D2 + d2) * D3;
-        const T* row_b = PRODUCT ? bn + (d1 * D2 + d2) * D3 : nullptr;
-        float* r1 = s1 ? s1 + d2 * D3 : nullptr;
-        float* r2 = s2 ? s2 + d1 * D3 : nullptr;
-        float total = 0.f, best = -inf;
-        int32_t arg = -1;
-        for (int64_t d3 = 0; d3 < D3; ++d3) {
-          float v = to_float(row[d3]);
-          if (PRODUCT) v *= to_float(row_b[d3]);
-          if (r1) r1[d3] += v;
-          if (r2) r2[d3] += v;
-          total += v;
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<float> buf(D3);
+#pragma omp for schedule(static)
+    for (int64_t n = 0; n < N; ++n) {
+      float* s1 = k1.sum ? k1.sum + n * D2 * D3 : nullptr;
+      float* s2 = k2.sum ? k2.sum + n * D1 * D3 : nullptr;
+      float* s3 = k3.sum ? k3.sum + n * D1 * D2 : nullptr;
+      float* m1 = want_max && s1 ? k1.mx + n * D2 * D3 : nullptr;
+      float* m2 = want_max && s2 ? k2.mx + n * D1 * D3 : nullptr;
+      float* m3 = want_max && s3 ? k3.mx + n * D1 * D2 : nullptr;
+      int32_t* i1 = m1 ? k1.am + n * D2 * D3 : nullptr;
+      int32_t* i2 = m2 ? k2.am + n * D1 * D3 : nullptr;
+      int32_t* i3 = m3 ? k3.am + n * D1 * D2 : nullptr;
+      if (s1) std::fill(s1, s1 + D2 * D3, 0.f);
+      if (s2) std::fill(s2, s2 + D1 * D3, 0.f);
+      if (m1) {
+        std::fill(m1, m1 + D2 * D3, -inf);
+        std::fill(i1, i1 + D2 * D3, -1);
+      }
+      if (m2) {
+        std::fill(m2, m2 + D1 * D3, -inf);
+        std::fill(i2, i2 + D1 * D3, -1);
+      }
+      const T* an = a + n * D1 * D2 * D3;
+      const T* bn = PRODUCT ? b + n * D1 * D2 * D3 : nullptr;
+      float* v = buf.data();
+      for (int64_t d1 = 0; d1 < D1; ++d1) {
+        if (s3)  // over D3, the contiguous dim: the rows d2 of this slab in blocks of kBlock
+          for (int64_t d2 = 0; d2 < D2; d2 += kBlock) {
+            const int64_t lanes = std::min<int64_t>(kBlock, D2 - d2);
+            const int64_t at = d1 * D2 + d2;
+            const T* rows = an + at * D3;
+            const T* rows_b = PRODUCT ? bn + at * D3 : nullptr;
+            if (m3 && lanes == kBlock)
+              reduce_rows<T, true, PRODUCT, kBlock>(rows, rows_b, D3, nullptr, 1, lanes, s3 + at,
+                                                    m3 + at, i3 + at);
+            else if (m3)
+              reduce_rows<T, true, PRODUCT, 0>(rows, rows_b, D3, nullptr, 1, lanes, s3 + at,
+                                               m3 + at, i3 + at);
+            else if (lanes == kBlock)
+              reduce_rows<T, false, PRODUCT, kBlock>(rows, rows_b, D3, nullptr, 1, lanes,
+                                                     s3 + at, nullptr, nullptr);
+            else
+              reduce_rows<T, false, PRODUCT, 0>(rows, rows_b, D3, nullptr, 1, lanes, s3 + at,
+                                                nullptr, nullptr);
+          }
+        if (!s1 && !s2) continue;
+        for (int64_t d2 = 0; d2 < D2; ++d2) {
+          const T* row = an + (d1 * D2 + d2) * D3;
+          const T* row_b = PRODUCT ? bn + (d1 * D2 + d2) * D3 : nullptr;
+#pragma omp simd
+          for (int64_t d3 = 0; d3 < D3; ++d3)
+            v[d3] = PRODUCT ? to_float(row[d3]) * to_float(row_b[d3]) : to_float(row[d3]);
+          if (s1) {
+            float* r = s1 + d2 * D3;
+#pragma omp simd
+            for (int64_t d3 = 0; d3 < D3; ++d3) r[d3] += v[d3];
+          }
+          if (s2) {
+            float* r = s2 + d1 * D3;
+#pragma omp simd
+            for (int64_t d3 = 0; d3 < D3; ++d3) r[d3] += v[d3];
+          }
           if (m1) {
             float* mm = m1 + d2 * D3;
             int32_t* ii = i1 + d2 * D3;
-            bool t = takes(v, mm[d3], ii[d3]);
-            mm[d3] = t ? v : mm[d3];
-            ii[d3] = t ? static_cast<int32_t>(d1) : ii[d3];
+            const int32_t at = static_cast<int32_t>(d1);
+#pragma omp simd
+            for (int64_t d3 = 0; d3 < D3; ++d3) {
+              const bool t = takes(v[d3], mm[d3], ii[d3]);
+              mm[d3] = t ? v[d3] : mm[d3];
+              ii[d3] = t ? at : ii[d3];
+            }
           }
           if (m2) {
             float* mm = m2 + d1 * D3;
             int32_t* ii = i2 + d1 * D3;
-            bool t = takes(v, mm[d3], ii[d3]);
-            mm[d3] = t ? v : mm[d3];
-            ii[d3] = t ? static_cast<int32_t>(d2) : ii[d3];
+            const int32_t at = static_cast<int32_t>(d2);
+#pragma omp simd
+            for (int64_t d3 = 0; d3 < D3; ++d3) {
+              const bool t = takes(v[d3], mm[d3], ii[d3]);
+              mm[d3] = t ? v[d3] : mm[d3];
+              ii[d3] = t ? at : ii[d3];
+            }
           }
-          if (m3 && takes(v, best, arg)) {
-            best = v;
-            arg = static_cast<int32_t>(d3);
-          }
-        }
-        if (s3) s3[d1 * D2 + d2] = total;
-        if (m3) {
-          m3[d1 * D2 + d2] = best;
-          i3[d1 * D2 + d2] = arg;
         }
       }
+    }
   }
 }
 
@@ -489,8 +516,9 @@ struct Terms {
 };
 
 // out = x * round(g1 + g2 + g3) (+ the branches' bias and max terms): the forward product, or
-// the input gradient with grad for x.
-template <typename T>
+// the input gradient with grad for x. Absent terms read a zero gate / zero bias / no max
+// (``tri_broadcast_any`` supplies the buffers), so the inner loop has no branches.
+template <typename T, bool BIAS>
 void tri_broadcast(const T* x, int64_t N, int64_t D1, int64_t D2, int64_t D3, Terms k1, Terms k2,
                    Terms k3, T* out, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
@@ -502,22 +530,61 @@ void tri_broadcast(const T* x, int64_t N, int64_t D1, int64_t D2, int64_t D3, Te
         T* dst = out + base;
         const int64_t o1 = n * D2 * D3 + d2 * D3, o2 = n * D1 * D3 + d1 * D3;
         const int64_t o3 = (n * D1 + d1) * D2 + d2;
-        const float g3 = k3.gate ? k3.gate[o3] : 0.f;
-        float b3 = k3.bias ? k3.bias[o3] : 0.f;
-        const int32_t a3 = k3.am ? k3.am[o3] : -1;
+        const float* g1 = k1.gate + o1;
+        const float* g2 = k2.gate + o2;
+        const float g3 = k3.gate[o3];
+        const float* b1 = BIAS ? k1.bias + o1 : nullptr;
+        const float* b2 = BIAS ? k2.bias + o2 : nullptr;
+        const int32_t* a1 = BIAS ? k1.am + o1 : nullptr;
+        const int32_t* a2 = BIAS ? k2.am + o2 : nullptr;
+        const float* e1 = BIAS ? k1.dmax + o1 : nullptr;
+        const float* e2 = BIAS ? k2.dmax + o2 : nullptr;
+        const float b3 = BIAS ? k3.bias[o3] : 0.f;
+        const int32_t a3 = BIAS ? k3.am[o3] : -1;
+        const float e3 = BIAS ? k3.dmax[o3] : 0.f;
+        const int32_t i1 = static_cast<int32_t>(d1), i2 = static_cast<int32_t>(d2);
+#pragma omp simd
         for (int64_t d3 = 0; d3 < D3; ++d3) {
-          // (g1 + g2) + g3: the order of the PyTorch path's sum, so rounding agrees
-          float g = k1.gate ? k1.gate[o1 + d3] : 0.f, b = b3;
-          if (k2.gate) g = k1.gate ? g + k2.gate[o2 + d3] : k2.gate[o2 + d3];
-          if (k3.gate) g = (k1.gate || k2.gate) ? g + g3 : g3;
-          if (k1.bias) b += k1.bias[o1 + d3];
-          if (k2.bias) b += k2.bias[o2 + d3];
-          if (k1.am && k1.am[o1 + d3] == d1) b += k1.dmax[o1 + d3];
-          if (k2.am && k2.am[o2 + d3] == d2) b += k2.dmax[o2 + d3];
-          if (a3 == d3) b += k3.dmax[o3];
-          store(dst + d3, to_float(row[d3]) * rounded(g, x) + b);
+          // (g1 + g2) + g3: the PyTorch path's order, so the rounding agrees
+          const float g = (g1[d3] + g2[d3]) + g3;
+          float v = to_float(row[d3]) * rounded(g, x);
+          if (BIAS) {
+            v += b1[d3] + b2[d3] + b3;
+            v += (a1[d3] == i1 ? e1[d3] : 0.f) + (a2[d3] == i2 ? e2[d3] : 0.f) +
+                 (a3 == static_cast<int32_t>(d3) ? e3 : 0.f);
+          }
+          store(dst + d3, v);
         }
       }
+}
+
+// Fills the absent terms with zeros (gate, bias, dmax) and -1 (argmax), then runs the loop.
+template <typename T>
+void tri_broadcast_any(const T* x, int64_t N, int64_t D1, int64_t D2, int64_t D3, Terms k1,
+                       Terms k2, Terms k3, bool terms, T* out, int threads) {
+  const int64_t most = std::max({D2 * D3, D1 * D3, D1 * D2}) * N;
+  std::vector<float> zeros;
+  std::vector<int32_t> none;
+  Terms* all[3] = {&k1, &k2, &k3};
+  for (Terms* k : all) {
+    const bool need = !k->gate || (terms && (!k->bias || !k->am || !k->dmax));
+    if (need && zeros.empty()) {
+      zeros.assign(most, 0.f);
+      none.assign(most, -1);
+    }
+    if (!k->gate) k->gate = zeros.data();
+    if (terms) {
+      if (!k->bias) k->bias = zeros.data();
+      if (!k->am || !k->dmax) {
+        k->am = none.data();
+        k->dmax = zeros.data();
+      }
+    }
+  }
+  if (terms)
+    tri_broadcast<T, true>(x, N, D1, D2, D3, k1, k2, k3, out, threads);
+  else
+    tri_broadcast<T, false>(x, N, D1, D2, D3, k1, k2, k3, out, threads);
 }
 
 }  // namespace
@@ -609,12 +676,13 @@ int attnzoo_tri_broadcast(int dtype, const void* x, int64_t N, int64_t D1, int64
                           const float* d3, void* out, int threads) {
   Terms k1{g1, b1, d1 ? a1 : nullptr, d1}, k2{g2, b2, d2 ? a2 : nullptr, d2};
   Terms k3{g3, b3, d3 ? a3 : nullptr, d3};
+  const bool terms = b1 || b2 || b3 || d1 || d2 || d3;
   if (dtype == 0)
-    tri_broadcast<float>(static_cast<const float*>(x), N, D1, D2, D3, k1, k2, k3,
-                         static_cast<float*>(out), threads);
+    tri_broadcast_any<float>(static_cast<const float*>(x), N, D1, D2, D3, k1, k2, k3, terms,
+                             static_cast<float*>(out), threads);
   else if (dtype == 1)
-    tri_broadcast<bf16>(static_cast<const bf16*>(x), N, D1, D2, D3, k1, k2, k3,
-                        static_cast<bf16*>(out), threads);
+    tri_broadcast_any<bf16>(static_cast<const bf16*>(x), N, D1, D2, D3, k1, k2, k3, terms,
+                            static_cast<bf16*>(out), threads);
   else
     return 2;
   return 0;

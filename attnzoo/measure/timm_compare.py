@@ -45,6 +45,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .. import kernels
 from ..attention.cbam import CBAM
 from ..attention.eca import EfficientChannelAttention
 from ..attention.se import SqueezeExcite
@@ -274,7 +275,14 @@ def swap_in_timm(
         diffs.append(compare(rand, theirs.to(_device_of(ours)), x, names))
     chans = getattr(model, "in_chans", 3)
     x = torch.randn(4, chans, input_size, input_size, generator=gen).to(_device_of(model))
-    network = compare(model, swapped, x)
+    # The network on the PyTorch gate path: its float32 rounding then differs from timm's only
+    # where the layers do. On the fused kernels (attnzoo.kernels), whose sums are ordered
+    # differently, the network's input gradient moves by up to 1.8e-3 (resnet56 + SE,
+    # kernels on against off, both ours) -- rounding carried through 56 layers and their
+    # ReLUs, which the tolerance would have to absorb. The modules above are compared on the
+    # kernels; the kernels themselves are tested against float64 (tests/kernels/).
+    with kernels.kernels("off"):
+        network = compare(model, swapped, x)
     report["output_max_abs_diff"] = max(d["output"] for d in [*diffs, network])
     report["grad_max_abs_diff"] = max(max(d["input_grad"], d["param_grad"]) for d in diffs)
     report["network_grad_max_diff"] = max(network["input_grad"], network["param_grad"])
