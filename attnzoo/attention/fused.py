@@ -51,7 +51,8 @@ class _KernelGate(torch.autograd.Function):
             logits = transform(mean, top)
         weight = torch.sigmoid(logits.detach())
         gate = views.to_oi(weight, fmt, dims, x.shape)
-        out = views.from_ori(kernels.apply(x3, gate, None, 1), x.shape, fmt)
+        out = torch.empty_like(x)  # not a view: callers may add to it in place (timm)
+        kernels.apply(x3, gate, None, 1, out=views.as_ori(out, fmt, dims))
         ctx.branch, ctx.fmt, ctx.params = branch, fmt, params
         ctx.graph = (leaves, logits)
         ctx.save_for_backward(x, gate, arg)
@@ -91,10 +92,17 @@ class _KernelGate(torch.autograd.Function):
             grad_max = grads[1] if use_max else None
             bias = None if grad_mean is None else views.to_oi(grad_mean / count, fmt, dims, x.shape)
             dmax = None if grad_max is None else views.to_oi(grad_max, fmt, dims, x.shape)
-            grad_x3 = kernels.backward(
-                g3, gate, None, 1, bias, arg if dmax is not None else None, dmax
+            grad_x = torch.empty_like(x)
+            kernels.backward(
+                g3,
+                gate,
+                None,
+                1,
+                bias,
+                arg if dmax is not None else None,
+                dmax,
+                out=views.as_ori(grad_x, fmt, dims),
             )
-            grad_x = views.from_ori(grad_x3, x.shape, fmt)
         by_param = dict(zip(map(id, params), grads[len(leaves) :], strict=True))
         return (grad_x, None, None, *(by_param.get(id(p)) for p in ctx.params))
 
@@ -118,7 +126,9 @@ def kernel_gate(x: torch.Tensor, branch: tuple, params: tuple) -> tuple[torch.Te
     mean, top, _ = _descriptors(x, x3, fmt, dims, use_max)
     weight = torch.sigmoid(transform(mean, top))
     gate = views.to_oi(weight, fmt, dims, x.shape)
-    return views.from_ori(kernels.apply(x3, gate, None, 1), x.shape, fmt), weight
+    out = torch.empty_like(x)
+    kernels.apply(x3, gate, None, 1, out=views.as_ori(out, fmt, dims))
+    return out, weight
 
 
 class _KernelConv2d(torch.autograd.Function):
@@ -223,7 +233,9 @@ class _KernelTriGate(torch.autograd.Function):
         ctx.graph = (leaves, logits)
         ctx.save_for_backward(x, *scaled, *(a if a is not None else x.new_empty(0) for a in args))
         ctx.set_materialize_grads(False)
-        return views.from_ori(cpu.tri_broadcast(x4, terms), x.shape, fmt)
+        out = torch.empty_like(x)  # not a view: callers may add to it in place (timm)
+        cpu.tri_broadcast(x4, terms, out=_as_memory(out, fmt))
+        return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -267,8 +279,10 @@ class _KernelTriGate(torch.autograd.Function):
                 )
                 dmax = None if grad_max is None else views.to_oi(grad_max, fmt, dims, x.shape)
                 per_branch.append((gate, bias, arg if dmax is not None else None, dmax))
-            grad_x4 = cpu.tri_broadcast(g4, _tri_terms(fmt, branches, per_branch))
-            grad_x = views.from_ori(grad_x4, x.shape, fmt)
+            grad_x = torch.empty_like(x)
+            cpu.tri_broadcast(
+                g4, _tri_terms(fmt, branches, per_branch), out=_as_memory(grad_x, fmt)
+            )
         else:
             grads = grads[sum(1 + b[1] for b in branches) :]
         param_grads = grads[len(grads) - len(params) :] if params else []
@@ -289,4 +303,6 @@ def kernel_tri_gate(x: torch.Tensor, branches: tuple, params: tuple) -> torch.Te
         gate = torch.sigmoid(transform(mean, top))
         scaled.append(views.to_oi(gate, fmt, dims, x.shape) / len(branches))
     terms = _tri_terms(fmt, branches, [(g, None, None, None) for g in scaled])
-    return views.from_ori(cpu.tri_broadcast(_as_memory(x, fmt), terms), x.shape, fmt)
+    out = torch.empty_like(x)
+    cpu.tri_broadcast(_as_memory(x, fmt), terms, out=_as_memory(out, fmt))
+    return out

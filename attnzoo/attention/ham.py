@@ -336,7 +336,9 @@ def _kernel_separated_gate(module, refined, channel_weights):  # noqa: ANN001, A
     desc = torch.cat([torch.cat(leaves[:2], dim=1), torch.cat(leaves[2:], dim=1)], dim=0)
     maps = torch.sigmoid(module.logits(desc))
     gate = _stack_gates(maps, refined.shape[0], fmt, refined.shape)
-    return views.from_ori(kernels.apply(x3, gate, groups, 2), refined.shape, fmt)
+    out = torch.empty_like(refined)
+    kernels.apply(x3, gate, groups, 2, out=views.as_ori(out, fmt, (1,)))
+    return out
 
 
 class _KernelSeparatedGate(torch.autograd.Function):
@@ -360,7 +362,9 @@ class _KernelSeparatedGate(torch.autograd.Function):
         ctx.module, ctx.params, ctx.fmt = module, params, fmt
         ctx.graph = (leaves, logits, positive)
         ctx.save_for_backward(refined, gate, groups, arg)
-        return views.from_ori(kernels.apply(x3, gate, groups, 2), refined.shape, fmt)
+        out = torch.empty_like(refined)  # not a view: callers may add to it in place (timm)
+        kernels.apply(x3, gate, groups, 2, out=views.as_ori(out, fmt, (1,)))
+        return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -397,10 +401,11 @@ class _KernelSeparatedGate(torch.autograd.Function):
             ],
             1,
         )
-        grad = kernels.backward(g3, gate, groups, 2, bias, arg, dmax)
+        grad = torch.empty_like(refined)
+        kernels.backward(g3, gate, groups, 2, bias, arg, dmax, out=views.as_ori(grad, fmt, (1,)))
         by_param = dict(zip(map(id, params), grads[4:], strict=True))
         return (
-            views.from_ori(grad, shape, fmt),
+            grad,
             None,
             None,
             None,

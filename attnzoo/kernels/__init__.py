@@ -125,9 +125,10 @@ def dot(grad, x, groups, g):  # noqa: ANN001, ANN201
     return _impl(x).dot(grad, x, groups, g)
 
 
-def apply(x, gate, groups, g):  # noqa: ANN001, ANN201
-    return _impl(x).apply(x, gate, groups, g)
+def apply(x, gate, groups, g, out=None):  # noqa: ANN001, ANN201
+    """``out`` (optional): a contiguous tensor like x to write into."""
+    return _impl(x).apply(x, gate, groups, g, out=out)
 
 
-def backward(grad, gate, groups, g, bias=None, argmax=None, dmax=None):  # noqa: ANN001, ANN201
-    return _impl(grad).backward(grad, gate, groups, g, bias, argmax, dmax)
+def backward(grad, gate, groups, g, bias=None, argmax=None, dmax=None, out=None):  # noqa: ANN001, ANN201
+    return _impl(grad).backward(grad, gate, groups, g, bias, argmax, dmax, out=out)

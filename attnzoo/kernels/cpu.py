@@ -210,7 +210,10 @@ def dot(grad, x, groups, g):  # noqa: ANN001, ANN201
 
 def _broadcast(x, gate, groups, g, bias, argmax, dmax, out):  # noqa: ANN001, ANN202
     o, r, i = x.shape
-    out = torch.empty_like(x) if out is None else out
+    if out is None:
+        out = torch.empty_like(x)
+    elif out.shape != x.shape or out.dtype != x.dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {tuple(x.shape)} {x.dtype} tensor")
     _check(
         library().attnzoo_gate_broadcast(
             DTYPES[x.dtype],
@@ -359,14 +362,17 @@ def tri_dot(grad: torch.Tensor, x: torch.Tensor, which: tuple[bool, bool, bool])
     return results
 
 
-def tri_broadcast(x: torch.Tensor, terms) -> torch.Tensor:  # noqa: ANN001
+def tri_broadcast(x: torch.Tensor, terms, out: torch.Tensor | None = None) -> torch.Tensor:  # noqa: ANN001
     """x * round(sum of the branches' gates) + their bias and max terms; ``terms`` is one
-    (gate, bias, argmax, dmax) tuple (entries may be None) or None per branch."""
+    (gate, bias, argmax, dmax) tuple (entries may be None) or None per branch. x and ``out``
+    (optional) are [N, D1, D2, D3] views in memory order (contiguous in that order)."""
     n, d1, d2, d3 = x.shape
     pointers = []
     for term in terms:
         pointers += [None] * 4 if term is None else [_ptr(t) for t in term]
-    out = torch.empty_like(x)
+    out = torch.empty(x.shape, dtype=x.dtype) if out is None else out
+    if out.shape != x.shape or out.dtype != x.dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {tuple(x.shape)} {x.dtype} tensor")
     _check(
         library().attnzoo_tri_broadcast(
             DTYPES[x.dtype], _ptr(x), n, d1, d2, d3, *pointers, _ptr(out), torch.get_num_threads()

@@ -402,9 +402,10 @@ def _gate(
     argmax: torch.Tensor | None = None,
     dmax: torch.Tensor | None = None,
     tiling: tuple[int, int, bool] | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     o, r, i = x.shape
-    out = torch.empty_like(x)
+    out = torch.empty_like(x) if out is None else _check_out(out, x)
     if out.numel() == 0:
         return out
     block_r, block_c, flat = tiling or _tiling(o, r, i, reduce=False)
@@ -459,13 +460,29 @@ def dot(grad: torch.Tensor, x: torch.Tensor, groups: torch.Tensor | None, g: int
     return _pool(grad, x, groups, g, False, rows_per_sample)[0]
 
 
-def apply(x: torch.Tensor, gate: torch.Tensor, groups: torch.Tensor | None, g: int) -> torch.Tensor:
-    """``x * gate[o, g(r), i]``, the gate rounded to x's dtype first; x's dtype."""
+def _check_out(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    if out.shape != x.shape or out.dtype != x.dtype or not out.is_contiguous():
+        raise ValueError(
+            f"out must be a contiguous {tuple(x.shape)} {x.dtype} tensor, got "
+            f"{tuple(out.shape)} {out.dtype}"
+        )
+    return out
+
+
+def apply(
+    x: torch.Tensor,
+    gate: torch.Tensor,
+    groups: torch.Tensor | None,
+    g: int,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x * gate[o, g(r), i]``, the gate rounded to x's dtype first; x's dtype (written into
+    ``out`` when given)."""
     _check_ori("x", x)
     o, _, i = x.shape
     _check_per_group("gate", gate, (o, g, i), torch.float32)
     rows_per_sample = _check_common(x, groups, g, {"gate": gate})
-    return _gate(x, gate, groups, g, rows_per_sample, backward=False)
+    return _gate(x, gate, groups, g, rows_per_sample, backward=False, out=out)
 
 
 def backward(
@@ -476,6 +493,7 @@ def backward(
     bias: torch.Tensor | None = None,
     argmax: torch.Tensor | None = None,
     dmax: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``grad * gate + bias + [r == argmax] * dmax`` per element in float32 (the gate rounded
     to grad's dtype first), rounded once to grad's dtype. As in the reference, the argmax
@@ -495,4 +513,4 @@ def backward(
         _check_per_group("dmax", dmax, shape, torch.float32)
         others["dmax"] = dmax
     rows_per_sample = _check_common(grad, groups, g, others)
-    return _gate(grad, gate, groups, g, rows_per_sample, True, bias, argmax, dmax)
+    return _gate(grad, gate, groups, g, rows_per_sample, True, bias, argmax, dmax, out=out)

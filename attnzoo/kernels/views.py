@@ -61,9 +61,3 @@ def to_oi(t: torch.Tensor, fmt: str, dims: tuple[int, ...], shape: torch.Size) -
     o, _, i = _split(tuple(shape), fmt, dims)
     t = t.expand(pooled_shape(shape, dims))
     return t.permute(_ORDER[fmt]).reshape(o, 1, i).float().contiguous()
-
-
-def from_ori(t: torch.Tensor, shape: torch.Size, fmt: str) -> torch.Tensor:
-    """An ``[O, R, I]`` result back to x's shape and layout (a view)."""
-    order = _ORDER[fmt]
-    return t.reshape([shape[d] for d in order]).permute([order.index(d) for d in range(4)])

@@ -375,3 +375,22 @@ def test_finite_differences_in_float32(name, layout, kernel_calls) -> None:
     assert kernel_calls
     numeric = (up - down) / (2 * eps)
     assert abs(numeric - predicted) <= 2e-3 * max(1.0, abs(predicted)), (numeric, predicted)
+
+
+@pytest.mark.parametrize(("name", "kwargs"), CASES, ids=IDS)
+def test_outputs_take_in_place_ops(name, kwargs, kernel_calls) -> None:
+    """The nodes' outputs are fresh tensors, not views made inside the node: a block may add
+    its shortcut in place (timm's ``x += shortcut``), and the gradient is still right."""
+    module = build(name, kwargs, 16)
+    x, grad = make_input((2, 16, 6, 5), "nhwc")
+    shortcut = torch.randn(x.shape).contiguous(memory_format=torch.channels_last)
+    with plain_gates():
+        want = run(copy.deepcopy(module), x, grad)
+    xk = x.clone().requires_grad_()
+    with kernels.kernels("on"):
+        out = module(xk)
+        out += shortcut
+        out.backward(grad)
+    assert kernel_calls
+    torch.testing.assert_close(out.detach() - shortcut, want["out"], rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(xk.grad, want["grad_x"], rtol=RTOL, atol=ATOL)
