@@ -280,6 +280,14 @@ void broadcast_any(const void* x, int64_t O, int64_t R, int64_t I, const int8_t*
 }
 
 
+typedef float vec16 __attribute__((vector_size(64)));
+
+inline vec16 load16(const float* p) {
+  vec16 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
 // --- the spatial gates' few-channel k x k conv to one channel ("same" zero padding) ---------
 // in [B, C, H, W], weight [C, k, k], out [B, H, W], float32, contiguous. Each input row is
 // copied once into a zero-padded buffer; the k x k taps are then vector loops over W.
@@ -301,17 +309,23 @@ void conv_forward(const float* in, int64_t B, int64_t C, int64_t H, int64_t W, c
       float* o = out + b * H * W;
       for (int64_t h = 0; h < H; ++h)
         for (int64_t w0 = 0; w0 < W; w0 += kConvBlock) {
-          float acc[kConvBlock] = {0};
+          // Two 16-float vectors of partial sums held in registers over all C * k * k taps
+          // (GCC vector extensions: AVX-512 registers where the CPU has them, pairs of AVX2
+          // registers otherwise).
+          vec16 acc0 = {}, acc1 = {};
           for (int64_t c = 0; c < C; ++c)
             for (int64_t i = 0; i < k; ++i) {
               const float* src = pad.data() + (c * Hp + h + i) * Wp + w0;
               const float* wr = wt + (c * k + i) * k;
               for (int64_t j = 0; j < k; ++j) {
                 const float wv = wr[j];
-#pragma omp simd
-                for (int l = 0; l < kConvBlock; ++l) acc[l] += wv * src[j + l];
+                acc0 += wv * load16(src + j);
+                acc1 += wv * load16(src + j + 16);
               }
             }
+          float acc[kConvBlock];
+          std::memcpy(acc, &acc0, sizeof(acc0));
+          std::memcpy(acc + 16, &acc1, sizeof(acc1));
           const int64_t n = std::min<int64_t>(kConvBlock, W - w0);
           std::copy(acc, acc + n, o + h * W + w0);
         }
@@ -335,7 +349,7 @@ void conv_backward_input(const float* grad, int64_t B, int64_t C, int64_t H, int
       for (int64_t c = 0; c < C; ++c)
         for (int64_t h = 0; h < H; ++h)
           for (int64_t w0 = 0; w0 < W; w0 += kConvBlock) {
-            float acc[kConvBlock] = {0};
+            vec16 acc0 = {}, acc1 = {};
             for (int64_t i = 0; i < k; ++i) {
               // grad row h - i + p is padded row h - i + 2p
               const float* src = pad.data() + (h - i + 2 * p) * Wp + w0;
@@ -343,10 +357,13 @@ void conv_backward_input(const float* grad, int64_t B, int64_t C, int64_t H, int
               for (int64_t j = 0; j < k; ++j) {
                 const float wv = wr[j];
                 const float* sj = src + 2 * p - j;
-#pragma omp simd
-                for (int l = 0; l < kConvBlock; ++l) acc[l] += wv * sj[l];
+                acc0 += wv * load16(sj);
+                acc1 += wv * load16(sj + 16);
               }
             }
+            float acc[kConvBlock];
+            std::memcpy(acc, &acc0, sizeof(acc0));
+            std::memcpy(acc + 16, &acc1, sizeof(acc1));
             const int64_t n = std::min<int64_t>(kConvBlock, W - w0);
             std::copy(acc, acc + n, grad_in + ((b * C + c) * H + h) * W + w0);
           }

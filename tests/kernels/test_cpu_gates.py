@@ -409,3 +409,37 @@ def test_triplet_ties_take_the_lowest_index() -> None:
     (s1, m1, a1), (s2, m2, a2), (s3, m3, a3) = cpu.tri_pool(x, (True, True, True), True)
     assert (a1 == 1).all() and (m1 == 2).all()
     assert (a2 == 0).all() and (a3 == 0).all()
+
+
+# ------------------------------------------------------------------ the spatial gates' conv
+CONV_SHAPES = [
+    (3, 2, 7, 5, 7),
+    (2, 1, 1, 1, 7),
+    (4, 2, 32, 32, 7),
+    (2, 3, 9, 40, 3),
+    (1, 2, 2, 3, 1),
+    (2, 2, 5, 33, 5),
+    (1, 2, 3, 70, 7),
+]
+
+
+@pytest.mark.parametrize("shape", CONV_SHAPES, ids=["x".join(map(str, s)) for s in CONV_SHAPES])
+def test_conv_matches_float64(shape) -> None:
+    """conv / conv_grad_input / conv_grad_weight against F.conv2d and its autograd in float64
+    (zero "same" padding; widths below, at and above the 32-column block)."""
+    b, c, h, w, k = shape
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(b, c, h, w, generator=gen)
+    weight = torch.randn(1, c, k, k, generator=gen)
+    xd, wd = x.double().requires_grad_(), weight.double().requires_grad_()
+    y = torch.nn.functional.conv2d(xd, wd, padding=k // 2)
+    grad = torch.randn(y.shape, generator=gen, dtype=torch.float64)
+    y.backward(grad)
+    got = cpu.conv(x, weight[0].contiguous())
+    got_x = cpu.conv_grad_input(grad[:, 0].float().contiguous(), weight[0].contiguous(), c)
+    got_w = cpu.conv_grad_weight(grad[:, 0].float().contiguous(), x, k)
+    taps = c * k * k
+    torch.testing.assert_close(got.double(), y[:, 0].detach(), rtol=0, atol=1e-6 * taps * 4)
+    torch.testing.assert_close(got_x.double(), xd.grad, rtol=0, atol=1e-6 * taps * 4)
+    scale = b * h * w * 1e-6 * 4
+    torch.testing.assert_close(got_w.double(), wd.grad[0], rtol=0, atol=scale)
