@@ -185,12 +185,15 @@ def tri_ready(x: torch.Tensor, branches: tuple) -> bool:
     )
 
 
+def _which(fmt: str, branches: tuple) -> tuple[bool, bool, bool]:
+    """Which of the memory-order dims D1, D2, D3 the branches reduce."""
+    slots = {_SLOTS[fmt][dims[0]] for dims, _, _ in branches}
+    return tuple(k in slots for k in range(3))
+
+
 def _tri_descriptors(x, x4, fmt, branches):  # noqa: ANN001, ANN202
-    which = [False, False, False]
-    for dims, _, _ in branches:
-        which[_SLOTS[fmt][dims[0]]] = True
     use_max = branches[0][1]
-    pooled = cpu.tri_pool(x4, tuple(which), use_max)
+    pooled = cpu.tri_pool(x4, _which(fmt, branches), use_max)
     out = []
     for dims, _, _ in branches:
         total, top, arg = pooled[_SLOTS[fmt][dims[0]]]
@@ -252,10 +255,7 @@ class _KernelTriGate(torch.autograd.Function):
         if not grad_out.is_contiguous(memory_format=memory):
             grad_out = grad_out.contiguous(memory_format=memory)
         x4, g4 = _as_memory(x, fmt), _as_memory(grad_out, fmt)
-        which = [False, False, False]
-        for dims, _, _ in branches:
-            which[_SLOTS[fmt][dims[0]]] = True
-        dots = cpu.tri_dot(g4, x4, tuple(which))
+        dots = cpu.tri_dot(g4, x4, _which(fmt, branches))
         grad_logits = []
         for (dims, _, _), gate, out in zip(branches, scaled, logits, strict=True):
             grad_gate = views.pooled(dots[_SLOTS[fmt][dims[0]]], x.shape, fmt, dims)

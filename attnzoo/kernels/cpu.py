@@ -171,7 +171,7 @@ def _check(rc: int) -> None:
         raise RuntimeError(f"attnzoo gate kernel refused its arguments (code {rc})")
 
 
-def _n(groups: torch.Tensor | None, o: int) -> int:
+def _n(groups: torch.Tensor | None) -> int:
     return 1 if groups is None else groups.shape[0]
 
 
@@ -190,7 +190,7 @@ def _reduce(a, b, groups, g, want_max):  # noqa: ANN001, ANN202
             i,
             _ptr(groups),
             g,
-            _n(groups, o),
+            _n(groups),
             _ptr(total),
             _ptr(top),
             _ptr(arg),
@@ -223,7 +223,7 @@ def _broadcast(x, gate, groups, g, bias, argmax, dmax, out):  # noqa: ANN001, AN
             i,
             _ptr(groups),
             g,
-            _n(groups, o),
+            _n(groups),
             _ptr(gate),
             _ptr(bias),
             _ptr(argmax),
